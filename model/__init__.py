@@ -1,0 +1,72 @@
+"""Llama 4 in JAX/Flax: Scout (16 experts), Maverick (128 experts) and the Behemoth shape.
+
+Dimension letters (einsum strings, shape comments, names):
+  B batch, T query length, S key length, D model width, F FFN width, N query heads, K KV heads,
+  G query heads per KV head, H head dim, E experts, V vocab, L layers, C chunk, P patches.
+
+Llama 4's quirks, each a trap for a port (LLAMA4.md has the sources):
+- iRoPE: every 4th layer has no positional encoding and attends over the whole context; the other
+  layers use RoPE and attend only within 8192-token chunks.
+- RoPE rotates *adjacent* pairs (2i, 2i+1) of each head, with no NeoX permutation of q/k rows;
+  Scout scales the frequencies llama3-style (factor 16, low == high frequency factor after Meta's
+  fix), Maverick does not.
+- Scout normalises q and k per head with a weightless RMS norm on RoPE layers only (after RoPE).
+- NoPE layers multiply q by 1 + 0.1 * log(1 + floor((p + 1) / 8192)) ("temperature tuning").
+- MoE: sigmoid of the top-1 router logit (no softmax), and that score multiplies the routed
+  expert's *input*, not its output; an always-on shared expert sees the unscaled input. Maverick
+  interleaves MoE and dense layers (MoE on odd layers).
+- The LM head is untied; no logit soft-capping; no embedding multiplier.
+
+Parameters are a plain pytree (see checkpoints/keys.py for the HF correspondence); the layers live
+under "blocks", stacked over `cfg.text.num_blocks` repeats of the `cfg.text.period`-layer pattern.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from .config import Config, ConfigError, LayerSpec, TextConfig, VisionConfig, preset, tiny
+from .decoder import Decoder
+
+DECODER_KEYS = ("embed", "blocks", "final_norm", "lm_head")
+
+
+def _decoder_params(params):
+    return {k: params[k] for k in DECODER_KEYS}
+
+
+def init_params(cfg: Config, key: jax.Array):
+    """Random parameters (normal, std 0.02; norms at 1) as a plain pytree."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return nn.unbox(Decoder(cfg).init(key, ids)["params"])
+
+
+def param_shapes(cfg: Config):
+    """The parameter tree as `jax.ShapeDtypeStruct`s, without allocating anything."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+def param_axes(cfg: Config):
+    """The logical axis names of every parameter (a pytree of PartitionSpecs over logical names)."""
+    boxed = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    return nn.get_partition_spec(boxed)["params"]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "moe_impl"))
+def _forward(cfg: Config, params, input_ids, moe_impl: str):
+    return Decoder(cfg, moe_impl).apply({"params": _decoder_params(params)}, input_ids)
+
+
+def forward(cfg: Config, params, input_ids, *, moe_impl: str = "grouped"):
+    """Logits [B, T, V] (fp32) for input_ids [B, T]; `moe_impl="dense"` runs the reference MoE."""
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    return _forward(cfg, params, input_ids, moe_impl)
+
+
+__all__ = ["Config", "ConfigError", "LayerSpec", "TextConfig", "VisionConfig", "forward",
+           "init_params", "param_axes", "param_shapes", "preset", "tiny"]

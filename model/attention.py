@@ -1,0 +1,135 @@
+"""Grouped-query attention for Llama 4's two layer kinds.
+
+RoPE layers attend causally *within* chunks of C tokens: the chunks are folded into the batch, so
+no T x T buffer exists. NoPE layers attend causally over the whole context with temperature-tuned
+queries; long sequences go through a blockwise (online-softmax) path, or cuDNN on GPUs.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from .config import LayerSpec, TextConfig
+from .layers import param, rms_normalize
+from .rope import inv_frequencies, rotate
+
+# Sequences up to this length use one dense masked softmax (fastest on CPU); longer ones go blockwise.
+DENSE_MAX_LEN = 2048
+BLOCK = 512
+
+
+def _scores(q, k):  # q [B, T, K, G, H], k [B, S, K, H] -> [B, K, G, T, S] in fp32
+    return jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * (
+        q.shape[-1] ** -0.5)
+
+
+def _dense_causal(q, k, v):
+    T, S = q.shape[1], k.shape[1]
+    s = _scores(q, k)
+    s = jnp.where(jnp.tril(jnp.ones((T, S), bool)), s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", p, v)
+
+
+def _blockwise_causal(q, k, v, block: int):
+    """Online-softmax attention over key blocks: memory O(block^2) per query block, not O(T^2)."""
+    B, T, K, G, H = q.shape
+    n = -(-T // block)
+    pad = n * block - T
+    q, k, v = (jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) for a in (q, k, v))
+    kb = k.reshape(B, n, block, K, H).swapaxes(0, 1)  # [n, B, block, K, H]
+    vb = v.reshape(B, n, block, K, H).swapaxes(0, 1)
+    causal = jnp.tril(jnp.ones((block, block), bool))
+
+    def one_query_block(args):
+        i, qi = args  # qi [B, block, K, G, H]
+
+        @jax.checkpoint  # keep only the running (m, l, acc) for the backward pass
+        def step(carry, j):
+            def update(carry):
+                m, l, acc = carry
+                s = _scores(qi, kb[j])
+                s = jnp.where((j < i) | causal, s, -jnp.inf)
+                m_new = jnp.maximum(m, s.max(-1))
+                p = jnp.exp(s - m_new[..., None])
+                corr = jnp.exp(m - m_new)
+                l = l * corr + p.sum(-1)
+                acc = acc * corr[..., None] + jnp.einsum(
+                    "BKGTS,BSKH->BKGTH", p.astype(vb.dtype), vb[j],
+                    preferred_element_type=jnp.float32)
+                return m_new, l, acc
+            return jax.lax.cond(j <= i, update, lambda c: c, carry), None
+
+        init = (jnp.full((B, K, G, block), -jnp.inf, jnp.float32),
+                jnp.zeros((B, K, G, block), jnp.float32),
+                jnp.zeros((B, K, G, block, H), jnp.float32))
+        (_, l, acc), _ = jax.lax.scan(step, init, jnp.arange(n))
+        return (acc / l[..., None]).astype(v.dtype)  # [B, K, G, block, H]
+
+    qb = q.reshape(B, n, block, K, G, H).swapaxes(0, 1)
+    out = jax.lax.map(one_query_block, (jnp.arange(n), qb))  # [n, B, K, G, block, H]
+    out = jnp.einsum("nBKGtH->BntKGH", out).reshape(B, n * block, K, G, H)
+    return out[:, :T]
+
+
+def causal_attention(q, k, v, *, dense_max_len: int = DENSE_MAX_LEN, block: int = BLOCK):
+    """Causal GQA over one segment. q [B, T, N, H], k/v [B, T, K, H] -> [B, T, N, H]."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    qg = q.reshape(B, T, K, N // K, H)
+    out = _dense_causal(qg, k, v) if T <= dense_max_len else _blockwise_causal(qg, k, v, block)
+    return out.reshape(B, T, N, H)
+
+
+def chunked_causal_attention(q, k, v, chunk: int, **kw):
+    """Causal attention inside consecutive chunks of `chunk` tokens (chunks folded into batch)."""
+    B, T, N, H = q.shape
+    if T <= chunk:
+        return causal_attention(q, k, v, **kw)
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    # Padding sits after every real token of the last chunk, so causality already hides it.
+    fold = lambda a: jnp.pad(a, [(0, 0), (0, pad), (0, 0), (0, 0)]).reshape(
+        B * n, chunk, *a.shape[2:])
+    out = causal_attention(fold(q), fold(k), fold(v), **kw)
+    return out.reshape(B, n * chunk, N, H)[:, :T]
+
+
+def temperature_scale(positions, floor_scale: float, attn_scale: float):
+    """Per-token query scale of the NoPE layers: 1 + a * log(1 + floor((p + 1) / floor_scale))."""
+    p = positions.astype(jnp.float32)
+    return 1.0 + attn_scale * jnp.log1p(jnp.floor((p + 1.0) / floor_scale))
+
+
+class Attention(nn.Module):
+    cfg: object  # the whole Config (dtypes); text fields come from cfg.text
+    spec: LayerSpec
+
+    @nn.compact
+    def __call__(self, x, positions):  # x [B, T, D], positions [B, T] (absolute, from 0)
+        t: TextConfig = self.cfg.text
+        D, N, K, H = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim
+        dt = x.dtype
+        wq = param(self, "q", (D, N, H), ("embed", "heads", "head_dim"))
+        wk = param(self, "k", (D, K, H), ("embed", "kv_heads", "head_dim"))
+        wv = param(self, "v", (D, K, H), ("embed", "kv_heads", "head_dim"))
+        wo = param(self, "o", (N, H, D), ("heads", "head_dim", "embed"))
+        q = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt))
+        k = jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt))
+        v = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt))
+        if self.spec.rope:
+            inv = inv_frequencies(H, t.rope_theta, t.rope_scaling)
+            q, k = rotate(q, positions, inv), rotate(k, positions, inv)
+            if t.use_qk_norm:
+                q, k = rms_normalize(q, t.rms_norm_eps), rms_normalize(k, t.rms_norm_eps)
+        elif t.attn_temperature_tuning:
+            scale = temperature_scale(positions, t.floor_scale, t.attn_scale)
+            q = (q * scale[:, :, None, None]).astype(dt)
+        if self.spec.chunked:
+            out = chunked_causal_attention(q, k, v, t.attention_chunk_size)
+        else:
+            out = causal_attention(q, k, v)
+        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))

@@ -1,0 +1,95 @@
+"""The text decoder: embeddings, layers scanned over the repeating block, final norm, LM head."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from .attention import Attention
+from .config import Config, LayerSpec
+from .layers import MLP, RMSNorm, param
+from .moe import MoE
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class DecoderLayer(nn.Module):
+    cfg: Config
+    spec: LayerSpec
+    moe_impl: str = "grouped"
+
+    @nn.compact
+    def __call__(self, x, positions):  # x [B, T, D]
+        t = self.cfg.text
+        with jax.named_scope("attention"):
+            h = RMSNorm(self.cfg, t.rms_norm_eps, name="attn_norm")(x)
+            x = x + Attention(self.cfg, self.spec, name="attn")(h, positions)
+        with jax.named_scope("moe" if self.spec.moe else "mlp"):
+            h = RMSNorm(self.cfg, t.rms_norm_eps, name="ffn_norm")(x)
+            if self.spec.moe:
+                ffn = MoE(self.cfg, self.moe_impl, name="moe")
+            else:
+                ffn = MLP(self.cfg, t.intermediate_size_mlp, name="mlp")
+            return x + ffn(h)
+
+
+class Block(nn.Module):
+    """One period of the layer pattern (4 layers for Scout and Maverick); the unit of the scan."""
+    cfg: Config
+    moe_impl: str = "grouped"
+
+    @nn.compact
+    def __call__(self, x, positions):
+        for j, spec in enumerate(self.cfg.text.block_specs):
+            x = DecoderLayer(self.cfg, spec, self.moe_impl, name=f"layer_{j}")(x, positions)
+        return x, None
+
+
+class Embed(nn.Module):
+    cfg: Config
+
+    @nn.compact
+    def __call__(self, input_ids):  # [B, T] -> [B, T, D]
+        t = self.cfg.text
+        table = param(self, "embedding", (t.vocab_size, t.hidden_size), ("vocab", "embed"))
+        return table[input_ids].astype(jnp.dtype(self.cfg.dtype))
+
+
+class LMHead(nn.Module):
+    cfg: Config
+
+    @nn.compact
+    def __call__(self, x):  # [B, T, D] -> [B, T, V]
+        t = self.cfg.text
+        kernel = param(self, "kernel", (t.hidden_size, t.vocab_size), ("embed", "vocab"))
+        return jnp.einsum("BTD,DV->BTV", x, kernel.astype(x.dtype))
+
+
+class Decoder(nn.Module):
+    cfg: Config
+    moe_impl: str = "grouped"
+
+    @nn.compact
+    def __call__(self, input_ids, positions=None, embed_fn=None):
+        """input_ids [B, T] -> logits [B, T, V]; positions [B, T] default to 0..T-1.
+        `embed_fn(x)` may rewrite the token embeddings (early fusion splices image features)."""
+        t = self.cfg.text
+        B, T = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+        x = Embed(self.cfg, name="embed")(input_ids)
+        if embed_fn is not None:
+            x = embed_fn(x)
+        block = Block
+        if self.cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+        scanned = nn.scan(
+            block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
+            in_axes=nn.broadcast, length=t.num_blocks,
+            metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = scanned(self.cfg, self.moe_impl, name="blocks")(x, positions)
+        x = RMSNorm(self.cfg, t.rms_norm_eps, name="final_norm")(x)
+        return LMHead(self.cfg, name="lm_head")(x).astype(jnp.float32)

@@ -1,0 +1,46 @@
+"""Small building blocks: RMS norms, the SwiGLU MLP, and parameter declaration with logical axes."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+
+def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
+          init=nn.initializers.normal(stddev=0.02)):
+    """Declare a parameter with its logical axis names (mapped to mesh axes only in sharding/)."""
+    dtype = jnp.dtype(module.cfg.param_dtype)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def rms_normalize(x, eps: float):
+    """x / rms(x) over the last axis, in fp32, cast back (Llama 4's QK norm has no weight)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    cfg: object
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):  # [..., D]
+        scale = param(self, "scale", (x.shape[-1],), ("embed",), nn.initializers.ones)
+        return rms_normalize(x, self.eps) * scale.astype(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); the dense FFN and the always-on shared expert."""
+    cfg: object
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x):  # [B, T, D]
+        D, F = x.shape[-1], self.hidden
+        wi_gate = param(self, "wi_gate", (D, F), ("embed", "mlp"))
+        wi_up = param(self, "wi_up", (D, F), ("embed", "mlp"))
+        wo = param(self, "wo", (F, D), ("mlp", "embed"))
+        dt = x.dtype
+        h = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, wi_gate.astype(dt)))
+        h = h * jnp.einsum("BTD,DF->BTF", x, wi_up.astype(dt))
+        return jnp.einsum("BTF,FD->BTD", h, wo.astype(dt))
