@@ -1,0 +1,65 @@
+"""Attention kernels: the blockwise and chunked paths against a plain masked softmax."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import attention as A
+from model.rope import inv_frequencies
+from model.config import RopeScaling
+
+
+def _reference(q, k, v, allowed):  # allowed [T, S] bool
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    kr, vr = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)
+    s = jnp.einsum("BTNH,BSNH->BNTS", q, kr) / np.sqrt(H)
+    s = jnp.where(allowed, s, -jnp.inf)
+    return jnp.einsum("BNTS,BSNH->BTNH", jax.nn.softmax(s, -1), vr)
+
+
+def _qkv(T, B=2, N=4, K=2, H=8, seed=0):
+    r = np.random.default_rng(seed)
+    return [jnp.asarray(r.normal(size=(B, T, n, H)), jnp.float32) for n in (N, K, K)]
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 100])
+def test_blockwise_equals_dense(T):
+    q, k, v = _qkv(T)
+    causal = np.tril(np.ones((T, T), bool))
+    out = A.causal_attention(q, k, v, dense_max_len=0, block=16)
+    np.testing.assert_allclose(out, _reference(q, k, v, causal), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T, C", [(5, 8), (8, 8), (29, 8), (64, 16)])
+def test_chunked_equals_block_diagonal_mask(T, C):
+    q, k, v = _qkv(T)
+    i = np.arange(T)
+    allowed = (i[None, :] <= i[:, None]) & (i[None, :] // C == i[:, None] // C)
+    np.testing.assert_allclose(A.chunked_causal_attention(q, k, v, C),
+                               _reference(q, k, v, allowed), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(A.chunked_causal_attention(q, k, v, C, dense_max_len=0, block=4),
+                               _reference(q, k, v, allowed), rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_attention_never_builds_a_txt_buffer():
+    T, C = 4096, 256
+    q, k, v = _qkv(T, B=1, N=2, K=1, H=4)
+    hlo = jax.jit(lambda q, k, v: A.chunked_causal_attention(q, k, v, C)).lower(q, k, v).as_text()
+    assert f"{T}x{T}" not in hlo and f"{C}x{C}" in hlo
+
+
+def test_temperature_scale_steps_at_the_documented_position():
+    # LLAMA4.md: 1.0 up to p = 8190, then 1 + 0.1 ln 2 from p = 8191.
+    s = A.temperature_scale(jnp.array([0, 8190, 8191, 16382, 16383]), 8192.0, 0.1)
+    np.testing.assert_allclose(s, [1, 1, 1 + 0.1 * np.log(2), 1 + 0.1 * np.log(2),
+                                   1 + 0.1 * np.log(3)], rtol=1e-6)
+
+
+def test_scout_rope_scaling_keeps_35_frequencies():
+    # LLAMA4.md: with factor 16, low == high == 1, theta 5e5, dim 128: 35 kept, 29 divided by 16.
+    plain = inv_frequencies(128, 500000.0, None)
+    scaled = inv_frequencies(128, 500000.0, RopeScaling(16.0, 1.0, 1.0, 8192))
+    kept = np.isclose(scaled, plain, rtol=0)
+    assert kept.sum() == 35 and np.allclose(scaled[~kept], plain[~kept] / 16)
+    assert np.all(np.isfinite(scaled))
