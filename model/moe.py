@@ -9,6 +9,8 @@ Experts have no biases, so an unselected expert (score 0, input 0) contributes e
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -23,29 +25,35 @@ def swiglu_ragged(xs, wi_gate, wi_up, wo, group_sizes):
     return jax.lax.ragged_dot(h, wo, group_sizes)
 
 
-def swiglu_tiled(xs, wi_gate, wi_up, wo, group_sizes, tile: int = 128):
+def swiglu_tiled(xs, wi_gate, wi_up, wo, group_sizes, tile: int | None = None):
     """The same as `swiglu_ragged`, for backends without a grouped-GEMM kernel (CPU lowers
     ragged_dot to masked dense work, ~6x slower here): each expert's rows are padded to whole
-    tiles of `tile` rows and a scan runs one expert's SwiGLU per tile. Still dropless; the waste
-    is at most one partial tile per expert."""
+    tiles and a scan runs one expert's SwiGLU per tile, skipping the unused tiles, so a decode
+    step reads only the selected experts' weights. Dropless; the waste is at most one partial
+    tile per expert."""
     M, D = xs.shape
     E = group_sizes.shape[0]
+    if tile is None:  # about M/E rows an expert: 8..128, a power of two
+        tile = int(min(128, max(8, 2 ** round(math.log2(max(M // E, 1))))))
     n_tiles = -(-M // tile) + E
     padded = (group_sizes + tile - 1) // tile * tile
     padded_end = jnp.cumsum(padded)
     start = jnp.cumsum(group_sizes) - group_sizes
     expert = jnp.repeat(jnp.arange(E), group_sizes, total_repeat_length=M)   # [M]
     slot = padded_end[expert] - padded[expert] + jnp.arange(M) - start[expert]
-    tile_expert = jnp.minimum(
-        jnp.searchsorted(padded_end, jnp.arange(n_tiles) * tile, side="right"), E - 1)
+    tile_start = jnp.arange(n_tiles) * tile
+    tile_expert = jnp.minimum(jnp.searchsorted(padded_end, tile_start, side="right"), E - 1)
     x_tiles = jnp.zeros((n_tiles * tile, D), xs.dtype).at[slot].set(xs).reshape(n_tiles, tile, D)
 
     def one_tile(_, args):
-        x, e = args  # x [tile, D]
-        h = jax.nn.silu(x @ wi_gate[e]) * (x @ wi_up[e])
-        return None, h @ wo[e]
+        x, e, used = args  # x [tile, D]
+        def run(x):
+            h = jax.nn.silu(x @ wi_gate[e]) * (x @ wi_up[e])
+            return h @ wo[e]
+        return None, jax.lax.cond(used, run, jnp.zeros_like, x)
 
-    _, y = jax.lax.scan(one_tile, None, (x_tiles, tile_expert))
+    used = tile_start < padded_end[-1]
+    _, y = jax.lax.scan(one_tile, None, (x_tiles, tile_expert, used))
     return y.reshape(n_tiles * tile, D)[slot]
 
 
