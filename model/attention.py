@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from .config import LayerSpec, TextConfig
+from . import kv_cache
 from .layers import param, rms_normalize
 from .rope import inv_frequencies, rotate
 
@@ -98,6 +99,28 @@ def chunked_causal_attention(q, k, v, chunk: int, **kw):
     return out.reshape(B, n * chunk, N, H)[:, :T]
 
 
+def cached_attention(q, k_new, v_new, q_pos, layer_cache, chunk: int | None):
+    """Attention of new queries [B, T, N, H] at positions q_pos [B, T] over the cached keys plus
+    the new ones; masks come from absolute positions (cache slots hold -1 when empty).
+    Returns the output and the updated layer cache."""
+    B, T, N, H = q.shape
+    K = k_new.shape[2]
+    k = jnp.concatenate([layer_cache["k"].astype(q.dtype), k_new], axis=1)  # [B, S + T, K, H]
+    v = jnp.concatenate([layer_cache["v"].astype(q.dtype), v_new], axis=1)
+    k_pos = jnp.concatenate([layer_cache["pos"], jnp.where(q_pos >= 0, q_pos, -1)], axis=1)
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]                          # [B, T, 1], [B, 1, S+T]
+    allowed = (kp >= 0) & (kp <= qp)
+    if chunk is not None:
+        allowed &= kp // chunk == qp // chunk
+    s = _scores(q.reshape(B, T, K, N // K, H), k)
+    # A finite floor keeps padding queries (nothing allowed) finite; real rows are unaffected
+    # because exp(-1e30 - max) underflows to exactly 0.
+    s = jnp.where(allowed[:, None, None], s, -1e30)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", p, v).reshape(B, T, N, H)
+    return out, kv_cache.update(layer_cache, k_new, v_new, q_pos)
+
+
 def temperature_scale(positions, floor_scale: float, attn_scale: float):
     """Per-token query scale of the NoPE layers: 1 + a * log(1 + floor((p + 1) / floor_scale))."""
     p = positions.astype(jnp.float32)
@@ -109,7 +132,10 @@ class Attention(nn.Module):
     spec: LayerSpec
 
     @nn.compact
-    def __call__(self, x, positions):  # x [B, T, D], positions [B, T] (absolute, from 0)
+    def __call__(self, x, positions, cache=None):
+        """x [B, T, D], positions [B, T] (absolute, from 0; < 0 marks left padding).
+        Without a cache the sequence must start at position 0 with no padding (training,
+        scoring); with one, keys/values are appended and (out, new_cache) is returned."""
         t: TextConfig = self.cfg.text
         D, N, K, H = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim
         dt = x.dtype
@@ -128,8 +154,11 @@ class Attention(nn.Module):
         elif t.attn_temperature_tuning:
             scale = temperature_scale(positions, t.floor_scale, t.attn_scale)
             q = (q * scale[:, :, None, None]).astype(dt)
-        if self.spec.chunked:
-            out = chunked_causal_attention(q, k, v, t.attention_chunk_size)
+        chunk = t.attention_chunk_size if self.spec.chunked else None
+        if cache is not None:
+            out, cache = cached_attention(q, k, v, positions, cache, chunk)
+        elif chunk is not None:
+            out = chunked_causal_attention(q, k, v, chunk)
         else:
             out = causal_attention(q, k, v)
-        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
+        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt)), cache

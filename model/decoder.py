@@ -22,18 +22,19 @@ class DecoderLayer(nn.Module):
     moe_impl: str = "grouped"
 
     @nn.compact
-    def __call__(self, x, positions):  # x [B, T, D]
+    def __call__(self, x, positions, cache=None):  # x [B, T, D]
         t = self.cfg.text
         with jax.named_scope("attention"):
             h = RMSNorm(self.cfg, t.rms_norm_eps, name="attn_norm")(x)
-            x = x + Attention(self.cfg, self.spec, name="attn")(h, positions)
+            h, cache = Attention(self.cfg, self.spec, name="attn")(h, positions, cache)
+            x = x + h
         with jax.named_scope("moe" if self.spec.moe else "mlp"):
             h = RMSNorm(self.cfg, t.rms_norm_eps, name="ffn_norm")(x)
             if self.spec.moe:
                 ffn = MoE(self.cfg, self.moe_impl, name="moe")
             else:
                 ffn = MLP(self.cfg, t.intermediate_size_mlp, name="mlp")
-            return x + ffn(h)
+            return x + ffn(h), cache
 
 
 class Block(nn.Module):
@@ -42,10 +43,14 @@ class Block(nn.Module):
     moe_impl: str = "grouped"
 
     @nn.compact
-    def __call__(self, x, positions):
+    def __call__(self, x, positions, cache):
+        new_cache = {}
         for j, spec in enumerate(self.cfg.text.block_specs):
-            x = DecoderLayer(self.cfg, spec, self.moe_impl, name=f"layer_{j}")(x, positions)
-        return x, None
+            name = f"layer_{j}"
+            layer_cache = None if cache is None else cache[name]
+            x, new_cache[name] = DecoderLayer(self.cfg, spec, self.moe_impl, name=name)(
+                x, positions, layer_cache)
+        return x, (None if cache is None else new_cache)
 
 
 class Embed(nn.Module):
@@ -73,9 +78,10 @@ class Decoder(nn.Module):
     moe_impl: str = "grouped"
 
     @nn.compact
-    def __call__(self, input_ids, positions=None, embed_fn=None):
-        """input_ids [B, T] -> logits [B, T, V]; positions [B, T] default to 0..T-1.
-        `embed_fn(x)` may rewrite the token embeddings (early fusion splices image features)."""
+    def __call__(self, input_ids, positions=None, embed_fn=None, cache=None):
+        """input_ids [B, T] -> (logits [B, T, V], cache); positions [B, T] default to 0..T-1.
+        `embed_fn(x)` may rewrite the token embeddings (early fusion splices image features).
+        With a `cache` (kv_cache.init_cache) the tokens extend it and the new cache is returned."""
         t = self.cfg.text
         B, T = input_ids.shape
         if positions is None:
@@ -88,8 +94,8 @@ class Decoder(nn.Module):
             block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
         scanned = nn.scan(
             block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
-            in_axes=nn.broadcast, length=t.num_blocks,
+            in_axes=(nn.broadcast, 0), length=t.num_blocks,
             metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = scanned(self.cfg, self.moe_impl, name="blocks")(x, positions)
+        x, cache = scanned(self.cfg, self.moe_impl, name="blocks")(x, positions, cache)
         x = RMSNorm(self.cfg, t.rms_norm_eps, name="final_norm")(x)
-        return LMHead(self.cfg, name="lm_head")(x).astype(jnp.float32)
+        return LMHead(self.cfg, name="lm_head")(x).astype(jnp.float32), cache

@@ -1,0 +1,58 @@
+"""The KV cache: a pytree passed in and returned, one entry per layer slot of the scanned block.
+
+Chunked (RoPE) layers only ever look back within their 8192-token chunk, so they keep a ring
+buffer of `attention_chunk_size` positions; global (NoPE) layers keep the whole history. Every
+buffer slot remembers the absolute position it holds (-1: empty), and masks are computed from
+those positions, so left-padded rows of a batch behave exactly like unpadded prompts.
+
+    cache = {"layer_{j}": {"k": [nb, B, S, K, H], "v": [nb, B, S, K, H], "pos": [nb, B, S]}}
+
+with S = C for chunked layers and S = max_len for global ones; nb = cfg.text.num_blocks.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from .config import Config, LayerSpec
+
+
+def buffer_len(cfg: Config, spec: LayerSpec, max_len: int) -> int:
+    if spec.chunked:
+        return min(cfg.text.attention_chunk_size, max_len)
+    return max_len
+
+
+def init_cache(cfg: Config, batch: int, max_len: int, dtype=None):
+    t = cfg.text
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    cache = {}
+    for j, spec in enumerate(t.block_specs):
+        S = buffer_len(cfg, spec, max_len)
+        shape = (t.num_blocks, batch, S, t.num_kv_heads, t.head_dim)
+        cache[f"layer_{j}"] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                               "pos": jnp.full((t.num_blocks, batch, S), -1, jnp.int32)}
+    return cache
+
+
+def cache_bytes(cfg: Config, batch: int, context: int, bytes_per_value: int = 2) -> int:
+    """Bytes of K and V for `context` tokens (positions are not counted: 4 bytes a slot)."""
+    t = cfg.text
+    per_slot = 2 * t.num_kv_heads * t.head_dim * bytes_per_value
+    return batch * per_slot * sum(buffer_len(cfg, s, context) for s in t.layer_specs)
+
+
+def update(layer_cache, k, v, positions):
+    """Write new keys/values [B, T, K, H] at their positions [B, T] (< 0: padding, not written).
+
+    Slot = position mod S. When T > S only the last S positions of each row are kept (earlier
+    ones would be overwritten anyway, and writing them would make the scatter ambiguous)."""
+    S = layer_cache["pos"].shape[-1]
+    last = positions.max(axis=1, keepdims=True)
+    keep = (positions >= 0) & (positions > last - S)
+    slot = jnp.where(keep, positions % S, S)  # S is out of range: dropped
+    b = jnp.arange(k.shape[0])[:, None]
+    return {
+        "k": layer_cache["k"].at[b, slot].set(k.astype(layer_cache["k"].dtype), mode="drop"),
+        "v": layer_cache["v"].at[b, slot].set(v.astype(layer_cache["v"].dtype), mode="drop"),
+        "pos": layer_cache["pos"].at[b, slot].set(positions, mode="drop"),
+    }
