@@ -30,6 +30,7 @@ import flax.linen as nn
 
 from .config import Config, ConfigError, LayerSpec, TextConfig, VisionConfig, preset, tiny
 from .decoder import Decoder
+from .sampling import generate
 
 DECODER_KEYS = ("embed", "blocks", "final_norm", "lm_head")
 
@@ -57,7 +58,7 @@ def param_axes(cfg: Config):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "moe_impl"))
 def _forward(cfg: Config, params, input_ids, moe_impl: str):
-    return Decoder(cfg, moe_impl).apply({"params": _decoder_params(params)}, input_ids)
+    return Decoder(cfg, moe_impl).apply({"params": _decoder_params(params)}, input_ids)[0]
 
 
 def forward(cfg: Config, params, input_ids, *, moe_impl: str = "grouped"):
@@ -69,4 +70,4 @@ def forward(cfg: Config, params, input_ids, *, moe_impl: str = "grouped"):
 
 
 __all__ = ["Config", "ConfigError", "LayerSpec", "TextConfig", "VisionConfig", "forward",
-           "init_params", "param_axes", "param_shapes", "preset", "tiny"]
+           "generate", "init_params", "param_axes", "param_shapes", "preset", "tiny"]
