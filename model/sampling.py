@@ -18,6 +18,8 @@ from . import kv_cache
 from .config import Config
 from .decoder import Decoder
 
+BUCKET = 32
+
 
 def _decoder_params(params):
     return {k: params[k] for k in ("embed", "blocks", "final_norm", "lm_head")}
@@ -104,15 +106,16 @@ def prefill(cfg: Config, params, input_ids: Sequence[Sequence[int]] | np.ndarray
     if T + max_new_tokens > t.max_position_embeddings:
         raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new ones exceeds the "
                          f"context of {t.max_position_embeddings} positions")
-    # Left-pad to a whole number of prefill pieces so every piece has one shape (one compile).
-    piece = min(prefill_chunk, T)
-    T_pad = -(-T // piece) * piece
+    # Left-pad to a whole number of prefill pieces, and round lengths up to multiples of
+    # BUCKET, so that prompts of similar lengths share one compiled program.
+    piece = min(prefill_chunk, _round_up(T, BUCKET))
+    T_pad = _round_up(T, piece)
     ids = np.full((len(rows), T_pad), _pad_id(cfg), np.int32)
     positions = np.full((len(rows), T_pad), -1, np.int32)
     for b, r in enumerate(rows):
         ids[b, T_pad - len(r):] = r
         positions[b, T_pad - len(r):] = np.arange(len(r))
-    cache = kv_cache.init_cache(cfg, len(rows), T + max_new_tokens)
+    cache = kv_cache.init_cache(cfg, len(rows), _round_up(T + max_new_tokens, BUCKET))
     for s in range(0, T_pad, piece):
         logits, cache = extend(cfg, params, ids[:, s:s + piece], positions[:, s:s + piece], cache)
     key = jax.random.key(seed) if isinstance(seed, int) else seed
@@ -136,6 +139,10 @@ def decode_stream(cfg: Config, params, state, *, max_new_tokens: int, temperatur
         yield np.asarray(new)
         if bool(jnp.all(state[3])):
             return
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _pad_id(cfg: Config) -> int:

@@ -1,0 +1,119 @@
+"""Inference: cached decode against the full forward, greedy generation against HF `generate`,
+ragged batches against one prompt at a time, and bad input."""
+import jax
+import numpy as np
+import pytest
+import torch
+
+import model
+from experiments.hf_reference import hf_text_model, params_from_hf
+from model import kv_cache, sampling
+
+# Chunks of 8 and temperature tuning stepping every 4 positions: a 40-token run crosses both
+# several times. The HF side stops at eos_token_id 2 like ours.
+HF = dict(vocab_size=97, hidden_size=32, intermediate_size=16, intermediate_size_mlp=48,
+          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+          num_local_experts=4, attention_chunk_size=8, floor_scale=4, eos_token_id=2,
+          pad_token_id=0, bos_token_id=1)
+
+
+@pytest.fixture(scope="module", params=["scout_like", "maverick_like"])
+def pair(request):
+    extra = {"maverick_like": dict(interleave_moe_layer_step=2, use_qk_norm=False)}.get(request.param, {})
+    hf = hf_text_model({**HF, **extra}, seed=1)
+    cfg, params = params_from_hf(hf)
+    return hf, cfg, params
+
+
+def test_cached_decode_equals_full_forward(pair):
+    _, cfg, params = pair
+    ids = np.random.default_rng(0).integers(3, 97, (2, 37))
+    full = np.asarray(model.forward(cfg, params, ids))
+    cache = kv_cache.init_cache(cfg, 2, 37)
+    pos = np.broadcast_to(np.arange(37), (2, 37))
+    got, s = [], 0
+    for n in (11, 5, 1, 1, 8, 11):  # uneven prefill pieces, then single-token steps
+        logits, cache = sampling.extend(cfg, params, ids[:, s:s + n], pos[:, s:s + n], cache)
+        got.append(np.asarray(logits))
+        s += n
+    got = np.concatenate(got, axis=1)
+    np.testing.assert_allclose(got, full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
+
+
+def test_greedy_equals_hf_generate(pair):
+    hf, cfg, params = pair
+    for prompt_len in (3, 13):
+        prompt = np.random.default_rng(prompt_len).integers(3, 97, (1, prompt_len))
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor(prompt), max_new_tokens=30, do_sample=False,
+                              eos_token_id=2, pad_token_id=0).numpy()[0]
+        ours = model.generate(cfg, params, prompt, max_new_tokens=30)[0]
+        n = len(ref)
+        assert ours[:n].tolist() == ref.tolist()
+        assert (ours[n:] == 0).all()  # stopped where HF stopped (or ran to the same length)
+
+
+def test_ragged_batch_equals_one_by_one(pair):
+    _, cfg, params = pair
+    r = np.random.default_rng(5)
+    prompts = [r.integers(3, 97, n).tolist() for n in (3, 17, 9)]
+    batch = model.generate(cfg, params, prompts, max_new_tokens=20, stop_tokens=[])
+    T = max(map(len, prompts))
+    for b, p in enumerate(prompts):
+        alone = model.generate(cfg, params, [p], max_new_tokens=20, stop_tokens=[])[0]
+        assert batch[b, T - len(p):].tolist() == alone.tolist()
+        assert (batch[b, :T - len(p)] == cfg.text.pad_token_id).all()
+
+
+def test_streaming_equals_one_call(pair):
+    _, cfg, params = pair
+    prompt = [[5, 6, 7, 8]]
+    whole = model.generate(cfg, params, prompt, max_new_tokens=12, stop_tokens=[])
+    _, state = sampling.prefill(cfg, params, prompt, max_new_tokens=12)
+    pieces = list(sampling.decode_stream(cfg, params, state, max_new_tokens=12, stop_tokens=[],
+                                         stream_every=5))
+    assert [p.shape[1] for p in pieces] == [5, 5, 2]
+    assert np.concatenate(pieces, 1).tolist() == whole[:, 4:].tolist()
+
+
+def test_sampling_is_seeded_and_respects_top_k(pair):
+    _, cfg, params = pair
+    kw = dict(max_new_tokens=15, temperature=1.0, top_k=3, stop_tokens=[])
+    a = model.generate(cfg, params, [[5, 6, 7]], seed=1, **kw)
+    assert a.tolist() == model.generate(cfg, params, [[5, 6, 7]], seed=1, **kw).tolist()
+    assert a.tolist() != model.generate(cfg, params, [[5, 6, 7]], seed=2, **kw).tolist()
+    # top_k=1 is greedy whatever the temperature
+    greedy = model.generate(cfg, params, [[5, 6, 7]], max_new_tokens=15, stop_tokens=[])
+    assert model.generate(cfg, params, [[5, 6, 7]], seed=3, max_new_tokens=15, temperature=2.0,
+                          top_k=1, stop_tokens=[]).tolist() == greedy.tolist()
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
+    seen = {int(sampling.sample(logits, jax.random.key(i), 1.0, None, 0.7)[0]) for i in range(200)}
+    assert seen == {0, 1}
+
+
+def test_cache_memory_of_scout():
+    # The hybrid layout: 12 global layers keep every token (48 KiB a token in bf16); the 36
+    # chunked layers keep 8192 positions whatever the context.
+    scout = model.preset("scout")
+    per_token = 12 * 2 * 8 * 128 * 2
+    assert per_token == 48 * 1024
+    for ctx in (131072, 1 << 20, 10 * (1 << 20)):
+        assert kv_cache.cache_bytes(scout, 1, ctx) == per_token * ctx + 36 * 2 * 8 * 128 * 2 * 8192
+
+
+@pytest.mark.parametrize("prompt, kw, message", [
+    ([[]], {}, "empty prompt"),
+    ([], {}, "empty prompt"),
+    ([[1, 2, 500]], {}, "outside the vocabulary"),
+    ([[1, -1]], {}, "outside the vocabulary"),
+    ([[1, 2]], {"max_new_tokens": 0}, "max_new_tokens"),
+    ([[1] * 4090], {"max_new_tokens": 10}, "exceeds the context"),
+])
+def test_bad_input(pair, prompt, kw, message):
+    _, cfg, params = pair
+    cfg = cfg.replace_text(max_position_embeddings=4096)
+    with pytest.raises(ValueError, match=message):
+        model.generate(cfg, params, prompt, **{"max_new_tokens": 4, **kw})
