@@ -1,0 +1,105 @@
+"""Checkpoints: the HF key table, HF <-> params conversion, Orbax save and restore.
+
+    cfg, params = checkpoints.load(path)     # an HF directory or one of our Orbax directories
+    checkpoints.save(path, cfg, params)      # in-memory params -> Orbax directory
+    checkpoints.save_hf(path, cfg, params)   # in-memory params -> HF directory
+    python -m checkpoints.convert SRC DST [--dtype bfloat16] [--to hf]
+
+Parameter tree names (a public format, kept by Orbax checkpoints) are listed by
+`param_shapes(cfg)`; the HF names they come from are in `checkpoints.keys`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from checkpoints import hf, orbax_io
+from checkpoints import keys as K
+from checkpoints.conversion import SLAB_BYTES, hf_to_orbax, open_orbax, orbax_to_hf
+from checkpoints.errors import CheckpointError, staged_dir
+from checkpoints.keys import param_shapes
+from model.config import Config
+
+__all__ = ["CheckpointError", "load", "save", "save_hf", "param_shapes", "hf_to_orbax",
+           "orbax_to_hf"]
+
+
+def load(path, dtype=None, shardings=None) -> tuple[Config, dict]:
+    """(config, params) from an HF directory or an Orbax directory written by this package.
+
+    Leaves are jax.Arrays in the stored dtype unless `dtype` is given; cfg.param_dtype says which.
+    `shardings` (one Sharding, a tree of them shaped like params, or a function of the config
+    returning either, e.g. `lambda cfg: sharding.param_shardings(cfg, mesh)`) places each leaf
+    as it is read; from Orbax each host then reads only its own shards.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if orbax_io.is_orbax_dir(path):
+        cfg, _, stored, _ = open_orbax(path)
+        dtype = np.dtype(dtype) if dtype is not None else stored
+        shapes = param_shapes(cfg)
+        params = orbax_io.restore(path / orbax_io.PARAMS, shapes, dtype,
+                                  _placement(shardings, shapes, cfg))
+    else:
+        ckpt = hf.HFCheckpoint(path)
+        cfg, hf_keys = ckpt.cfg, K.hf_keys(ckpt.cfg, ckpt.layout)
+        ckpt.check(hf_keys)
+        dtype = np.dtype(dtype) if dtype is not None else ckpt.dtype()
+        flat = {p: np.empty(s, dtype) for p, s in param_shapes(cfg).items()}
+        for p, idx, y in K.ours_slabs(hf_keys, ckpt.read, SLAB_BYTES):
+            flat[p][idx] = y
+        place = _placement(shardings, flat, cfg)
+        # pop: each host copy is freed as soon as its leaf is on the device
+        params = {p: jax.device_put(flat.pop(p), place[p]) for p in list(flat)}
+        params = traverse_util.unflatten_dict(params)
+    return cfg.replace(param_dtype=dtype.name), params
+
+
+def _placement(shardings, flat: dict, cfg: Config) -> dict:
+    """Flat {leaf path: Sharding}; the first device when none is asked for."""
+    if callable(shardings):
+        shardings = shardings(cfg)
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):
+        return {p: shardings for p in flat}
+    return traverse_util.flatten_dict(shardings)
+
+
+def _check_params(cfg: Config, params) -> np.dtype:
+    """The one dtype of `params`, after checking its leaves against the config."""
+    flat = traverse_util.flatten_dict(params)
+    K.check({"/".join(p): s for p, s in param_shapes(cfg).items()},
+            {"/".join(p): tuple(x.shape) for p, x in flat.items()}, "params")
+    dtypes = {np.dtype(x.dtype) for x in flat.values()}
+    if len(dtypes) != 1:
+        raise CheckpointError(f"params mix dtypes {sorted(d.name for d in dtypes)}; "
+                              "cast them to one first")
+    return dtypes.pop()
+
+
+def _default_layout(cfg: Config) -> str:
+    return "conditional_generation" if cfg.vision is not None else "causal_lm"
+
+
+def save(path, cfg: Config, params, layout: str | None = None):
+    """Write in-memory `params` as a new Orbax directory; `layout` is the HF layout to convert
+    back to (default: the one HF uses for this kind of model)."""
+    dtype = _check_params(cfg, params)
+    with staged_dir(path) as tmp:
+        orbax_io.write_meta(tmp, cfg, layout or _default_layout(cfg), dtype)
+        orbax_io.save(tmp / orbax_io.PARAMS, params)
+
+
+def save_hf(path, cfg: Config, params, layout: str | None = None, *,
+            max_shard_bytes: int = hf.MAX_SHARD_BYTES):
+    """Write in-memory `params` as a new HF directory (config.json + safetensors)."""
+    dtype = _check_params(cfg, params)
+    flat = {p: np.asarray(x) for p, x in traverse_util.flatten_dict(params).items()}
+    with staged_dir(path) as tmp:
+        hf.write(tmp, cfg, layout or _default_layout(cfg), lambda p, idx: flat[p][idx], dtype,
+                 slab_bytes=SLAB_BYTES, max_shard_bytes=max_shard_bytes)
