@@ -1,0 +1,107 @@
+"""Early fusion: image features replace the token embeddings at the <|patch|> positions.
+
+Tiles of every image of every row are stacked in one `pixel_values` [tiles, S, S, 3] (channel-last,
+normalised as `image_processing` does). Each tile gives `tokens_per_tile` features; all of them,
+flattened in tile order, fill the <|patch|> positions of the batch in row-major order (row 0's
+tokens first), as HF's `masked_scatter` does. Rows may therefore carry different numbers of images.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import Config
+from .decoder import Decoder
+from .layers import place_on_mesh, sharding_plan
+from .vision import VisionTower, check_config, tokens_per_tile
+
+DECODER_KEYS = ("embed", "blocks", "final_norm", "lm_head")
+VISION_KEYS = ("vision", "projector")
+
+
+def splice(x, input_ids, features, image_token_id: int):
+    """x [B, T, D] with the k-th image-token position (row-major) replaced by features[k].
+
+    features [n, D]; n must equal the number of image tokens, which `forward` checks."""
+    B, T, D = x.shape
+    mask = (input_ids == image_token_id).reshape(B * T)
+    k = jnp.clip(jnp.cumsum(mask) - 1, 0, features.shape[0] - 1)
+    out = jnp.where(mask[:, None], features[k].astype(x.dtype), x.reshape(B * T, D))
+    return out.reshape(B, T, D)
+
+
+def image_features(cfg: Config, params, pixel_values):
+    """[tiles, S, S, 3] -> [tiles * tokens_per_tile, D]: what fills the <|patch|> positions."""
+    feats = VisionTower(cfg).apply({"params": {k: params[k] for k in VISION_KEYS}}, pixel_values)
+    return feats.reshape(-1, feats.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "moe_impl", "plan"))
+def _forward(cfg: Config, params, input_ids, pixel_values, moe_impl: str, plan=None):
+    with sharding_plan(plan):
+        feats = image_features(cfg, params, pixel_values)
+        embed_fn = functools.partial(splice, input_ids=input_ids, features=feats,
+                                     image_token_id=cfg.image_token_id)
+        logits, _ = Decoder(cfg, moe_impl).apply({"params": {k: params[k] for k in DECODER_KEYS}},
+                                                 input_ids, embed_fn=embed_fn)
+    return logits
+
+
+def check_pixel_values(cfg: Config, pixel_values) -> None:
+    if cfg.vision is None:
+        raise ValueError("pixel_values were given but this model has no vision tower "
+                         "(cfg.vision is None: a text-only checkpoint)")
+    v = cfg.vision
+    check_config(v)
+    want = (v.image_size, v.image_size, v.num_channels)
+    if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
+        raise ValueError(f"pixel_values must be channel-last tiles [tiles, {want[0]}, {want[1]}, "
+                         f"{want[2]}], got shape {tuple(pixel_values.shape)}")
+    if pixel_values.shape[0] == 0:
+        raise ValueError("pixel_values holds no tiles (shape[0] == 0); pass None for text only")
+
+
+def count_image_tokens(cfg: Config, input_ids) -> int | None:
+    """How many <|patch|> tokens input_ids hold; None when they are traced (not known yet)."""
+    if isinstance(input_ids, jax.core.Tracer):
+        return None
+    return int(np.sum(np.asarray(input_ids) == cfg.image_token_id))
+
+
+def check_image_tokens(cfg: Config, input_ids, pixel_values) -> None:
+    """One clear error when the <|patch|> tokens and the tiles cannot pair up."""
+    n_tok = count_image_tokens(cfg, input_ids)
+    if n_tok is None:
+        return  # under someone else's jit: the splice then takes features in order, unchecked
+    tag = f"<|patch|> (id {cfg.image_token_id})"
+    if pixel_values is None:
+        if n_tok and cfg.vision is not None:
+            raise ValueError(f"input_ids hold {n_tok} image tokens {tag} but no pixel_values were "
+                             "given")
+        return
+    per_tile = tokens_per_tile(cfg.vision)
+    n_feat = pixel_values.shape[0] * per_tile
+    if n_tok == 0:
+        raise ValueError(f"pixel_values were given ({pixel_values.shape[0]} tiles, {n_feat} "
+                         f"features) but input_ids hold no image tokens {tag}")
+    if n_tok != n_feat:
+        raise ValueError(f"image tokens and image features do not match: input_ids hold {n_tok} "
+                         f"image tokens {tag}, pixel_values give {n_feat} features "
+                         f"({pixel_values.shape[0]} tiles x {per_tile})")
+
+
+def forward(cfg: Config, params, input_ids, pixel_values, moe_impl: str = "grouped", mesh=None,
+            rules="combined"):
+    """Logits [B, T, V] with the image features spliced in; inputs are checked first."""
+    pixel_values = jnp.asarray(pixel_values)
+    check_pixel_values(cfg, pixel_values)
+    check_image_tokens(cfg, input_ids, pixel_values)
+    plan, params = place_on_mesh(cfg, params, input_ids.shape[0], mesh, rules)
+    if plan is not None:
+        input_ids = plan.put(input_ids, ("batch", "seq"), "input_ids")
+    if plan is not None:
+        pixel_values = plan.put(pixel_values, (None,) * 4, "pixel_values")
+    return _forward(cfg, params, input_ids, pixel_values, moe_impl, plan)
