@@ -30,19 +30,32 @@ import flax.linen as nn
 
 from .config import Config, ConfigError, LayerSpec, TextConfig, VisionConfig, preset, tiny
 from .decoder import Decoder
+from .layers import place_on_mesh, sharding_plan
 from .sampling import generate
-
-DECODER_KEYS = ("embed", "blocks", "final_norm", "lm_head")
+from . import multimodal
+from .multimodal import DECODER_KEYS, VISION_KEYS
+from .vision import VisionTower
 
 
 def _decoder_params(params):
     return {k: params[k] for k in DECODER_KEYS}
 
 
+def _dummy_tile(cfg: Config):
+    v = cfg.vision
+    return jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.dtype(cfg.dtype))
+
+
 def init_params(cfg: Config, key: jax.Array):
-    """Random parameters (normal, std 0.02; norms at 1) as a plain pytree."""
+    """Random parameters (normal, std 0.02; norms at 1) as a plain pytree; with a vision tower
+    (cfg.vision not None) it also holds "vision" and "projector"."""
     ids = jnp.zeros((1, 1), jnp.int32)
-    return nn.unbox(Decoder(cfg).init(key, ids)["params"])
+    # jit: tracing once beats running the initialising forward op by op
+    params = nn.unbox(jax.jit(Decoder(cfg).init)(key, ids)["params"])
+    if cfg.vision is not None:
+        vision = jax.jit(VisionTower(cfg).init)(jax.random.fold_in(key, 1), _dummy_tile(cfg))["params"]
+        params = {**params, **nn.unbox(vision)}
+    return params
 
 
 def param_shapes(cfg: Config):
@@ -53,20 +66,37 @@ def param_shapes(cfg: Config):
 def param_axes(cfg: Config):
     """The logical axis names of every parameter (a pytree of PartitionSpecs over logical names)."""
     boxed = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-    return nn.get_partition_spec(boxed)["params"]
+    axes = nn.get_partition_spec(boxed)["params"]
+    if cfg.vision is not None:
+        boxed = jax.eval_shape(lambda: VisionTower(cfg).init(jax.random.key(0), _dummy_tile(cfg)))
+        axes = {**axes, **nn.get_partition_spec(boxed)["params"]}
+    return axes
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "moe_impl"))
-def _forward(cfg: Config, params, input_ids, moe_impl: str):
-    return Decoder(cfg, moe_impl).apply({"params": _decoder_params(params)}, input_ids)[0]
+@functools.partial(jax.jit, static_argnames=("cfg", "moe_impl", "plan"))
+def _forward(cfg: Config, params, input_ids, moe_impl: str, plan=None):
+    with sharding_plan(plan):
+        return Decoder(cfg, moe_impl).apply({"params": _decoder_params(params)}, input_ids)[0]
 
 
-def forward(cfg: Config, params, input_ids, *, moe_impl: str = "grouped"):
-    """Logits [B, T, V] (fp32) for input_ids [B, T]; `moe_impl="dense"` runs the reference MoE."""
+def forward(cfg: Config, params, input_ids, pixel_values=None, *, moe_impl: str = "grouped",
+            mesh=None, rules="combined"):
+    """Logits [B, T, V] (fp32) for input_ids [B, T]; `moe_impl="dense"` runs the reference MoE.
+
+    pixel_values [tiles, S, S, 3] (channel-last, normalised: see `model.image_processing`) are
+    encoded and their features replace the embeddings at the <|patch|> positions, in order.
+    With a `mesh` (sharding.make_mesh) the model runs sharded by the strategy `rules` (see
+    sharding/); params are placed first unless `sharding.shard_params` already placed them."""
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-    return _forward(cfg, params, input_ids, moe_impl)
+    if pixel_values is not None:
+        return multimodal.forward(cfg, params, input_ids, pixel_values, moe_impl, mesh, rules)
+    multimodal.check_image_tokens(cfg, input_ids, None)
+    plan, params = place_on_mesh(cfg, params, input_ids.shape[0], mesh, rules)
+    if plan is not None:
+        input_ids = plan.put(input_ids, ("batch", "seq"), "input_ids")
+    return _forward(cfg, params, input_ids, moe_impl, plan)
 
 
 __all__ = ["Config", "ConfigError", "LayerSpec", "TextConfig", "VisionConfig", "forward",

@@ -12,7 +12,7 @@ import flax.linen as nn
 
 from .config import LayerSpec, TextConfig
 from . import kv_cache
-from .layers import param, rms_normalize
+from .layers import constrain, param, rms_normalize
 from .rope import inv_frequencies, rotate
 
 # Sequences up to this length use one dense masked softmax (fastest on CPU); longer ones go blockwise.
@@ -154,9 +154,12 @@ class Attention(nn.Module):
         elif t.attn_temperature_tuning:
             scale = temperature_scale(positions, t.floor_scale, t.attn_scale)
             q = (q * scale[:, :, None, None]).astype(dt)
+        q = constrain(q, ("batch", "seq", "heads", "head_dim"))
+        k, v = (constrain(a, ("batch", "seq", "kv_heads", "head_dim")) for a in (k, v))
         chunk = t.attention_chunk_size if self.spec.chunked else None
         if cache is not None:
             out, cache = cached_attention(q, k, v, positions, cache, chunk)
+            cache = {n: constrain(a, kv_cache.AXES[n]) for n, a in cache.items()}
         elif chunk is not None:
             out = chunked_causal_attention(q, k, v, chunk)
         else:

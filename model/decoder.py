@@ -7,8 +7,10 @@ import flax.linen as nn
 
 from .attention import Attention
 from .config import Config, LayerSpec
-from .layers import MLP, RMSNorm, param
+from .layers import MLP, RMSNorm, constrain, param
 from .moe import MoE
+
+ACTIVATION = ("batch", "seq", "act_embed")  # logical axes of the residual stream [B, T, D]
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -24,6 +26,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, positions, cache=None):  # x [B, T, D]
         t = self.cfg.text
+        x = constrain(x, ACTIVATION)
         with jax.named_scope("attention"):
             h = RMSNorm(self.cfg, t.rms_norm_eps, name="attn_norm")(x)
             h, cache = Attention(self.cfg, self.spec, name="attn")(h, positions, cache)
@@ -89,6 +92,7 @@ class Decoder(nn.Module):
         x = Embed(self.cfg, name="embed")(input_ids)
         if embed_fn is not None:
             x = embed_fn(x)
+        x = constrain(x, ACTIVATION)
         block = Block
         if self.cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
@@ -98,4 +102,5 @@ class Decoder(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"})
         x, cache = scanned(self.cfg, self.moe_impl, name="blocks")(x, positions, cache)
         x = RMSNorm(self.cfg, t.rms_norm_eps, name="final_norm")(x)
-        return LMHead(self.cfg, name="lm_head")(x).astype(jnp.float32), cache
+        logits = LMHead(self.cfg, name="lm_head")(x).astype(jnp.float32)
+        return constrain(logits, ("batch", "seq", "vocab")), cache

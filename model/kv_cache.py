@@ -15,6 +15,10 @@ import jax.numpy as jnp
 
 from .config import Config, LayerSpec
 
+# Logical axes of one layer's buffers; the stacked cache has a leading "layers" axis.
+AXES = {"k": ("batch", "cache_seq", "kv_heads", "head_dim"),
+        "v": ("batch", "cache_seq", "kv_heads", "head_dim"), "pos": ("batch", "cache_seq")}
+
 
 def buffer_len(cfg: Config, spec: LayerSpec, max_len: int) -> int:
     if spec.chunked:

@@ -1,6 +1,9 @@
 """Small building blocks: RMS norms, the SwiGLU MLP, and parameter declaration with logical axes."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -11,6 +14,42 @@ def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str,
     """Declare a parameter with its logical axis names (mapped to mesh axes only in sharding/)."""
     dtype = jnp.dtype(module.cfg.param_dtype)
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+# The sharding plan (built by sharding/) in force while a sharded function is traced; None: one
+# device. The model names only logical axes; the plan maps them to mesh axes.
+_PLAN = contextvars.ContextVar("sharding_plan", default=None)
+
+
+@contextlib.contextmanager
+def sharding_plan(plan):
+    """Trace the model under `plan` (None: no sharding). Set it inside the jitted function, with
+    the plan a static argument, so that the compiled program and the plan always agree."""
+    token = _PLAN.set(plan)
+    try:
+        yield
+    finally:
+        _PLAN.reset(token)
+
+
+def current_plan():
+    return _PLAN.get()
+
+
+def place_on_mesh(cfg, params, batch: int, mesh, rules="combined"):
+    """(plan, params) for a batch of `batch` rows on `mesh`, built by sharding/ (params already
+    placed by sharding.shard_params stay where they are); (None, params) when mesh is None."""
+    if mesh is None:
+        return None, params
+    import sharding  # the mesh rules live there: model code names no mesh axis
+    plan = sharding.make_plan(cfg, mesh, rules, batch=batch)
+    return plan, sharding.shard_params(cfg, params, mesh, rules)
+
+
+def constrain(x, axes: tuple[str | None, ...]):
+    """Pin activation x to logical axes (with_sharding_constraint); a no-op without a plan."""
+    plan = _PLAN.get()
+    return x if plan is None else plan.constrain(x, axes)
 
 
 def rms_normalize(x, eps: float):

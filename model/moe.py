@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from .layers import MLP, param
+from .layers import MLP, current_plan, param
 
 
 def swiglu_ragged(xs, wi_gate, wi_up, wo, group_sizes):
@@ -105,6 +105,8 @@ class MoE(nn.Module):
         # Router statistics for the load-balancing loss and per-expert load (training reads them).
         self.sow("intermediates", "router_logits", logits)
         run = experts_grouped if self.impl == "grouped" else experts_dense
+        if self.impl == "grouped" and current_plan() is not None:
+            run = current_plan().experts  # expert parallelism: a shard_map around the same path
         routed = run(xt, top_ids, scores, wi_gate.astype(dt), wi_up.astype(dt), wo.astype(dt))
         shared = MLP(self.cfg, F, name="shared")(x)
         return shared + routed.reshape(B, T, D)

@@ -17,6 +17,7 @@ import numpy as np
 from . import kv_cache
 from .config import Config
 from .decoder import Decoder
+from .layers import place_on_mesh, sharding_plan
 
 BUCKET = 32
 
@@ -25,11 +26,12 @@ def _decoder_params(params):
     return {k: params[k] for k in ("embed", "blocks", "final_norm", "lm_head")}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def extend(cfg: Config, params, ids, positions, cache):
+@functools.partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache",))
+def extend(cfg: Config, params, ids, positions, cache, plan=None):
     """Run tokens ids [B, T] at positions [B, T] through the model, appending to the cache.
-    Returns (logits [B, T, V], cache)."""
-    return Decoder(cfg).apply({"params": _decoder_params(params)}, ids, positions, cache=cache)
+    Returns (logits [B, T, V], cache). `plan`: a sharding.Plan, or None on one device."""
+    with sharding_plan(plan):
+        return Decoder(cfg).apply({"params": _decoder_params(params)}, ids, positions, cache=cache)
 
 
 def sample(logits, key, temperature, top_k: int | None, top_p: float | None):
@@ -50,9 +52,10 @@ def sample(logits, key, temperature, top_k: int | None, top_p: float | None):
     return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps", "temperature", "top_k", "top_p"))
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "temperature", "top_k", "top_p", "plan"),
+                   donate_argnames=("state",))  # the cache is updated in place, not copied
 def decode(cfg: Config, params, state, stop_tokens, pad_id, *, steps: int, temperature: float,
-           top_k: int | None, top_p: float | None):
+           top_k: int | None, top_p: float | None, plan=None):
     """Sample up to `steps` tokens. state = (logits [B, V] of each row's last token, next
     positions [B], cache, done [B], key). Returns (tokens [B, steps] with pad_id after a row
     stops, new state) so that calls can be chained to stream."""
@@ -68,8 +71,9 @@ def decode(cfg: Config, params, state, stop_tokens, pad_id, *, steps: int, tempe
         tok = jnp.where(done, pad_id, sample(logits, sub, temperature, top_k, top_p))
         out = out.at[:, i].set(tok)
         done = done | jnp.isin(tok, stop_tokens)
-        logits, cache = Decoder(cfg).apply({"params": _decoder_params(params)}, tok[:, None],
-                                           pos[:, None], cache=cache)
+        with sharding_plan(plan):
+            logits, cache = Decoder(cfg).apply({"params": _decoder_params(params)}, tok[:, None],
+                                               pos[:, None], cache=cache)
         return i + 1, out, (logits[:, -1], pos + 1, cache, done, key)
 
     out = jnp.full((B, steps), pad_id, jnp.int32)
@@ -88,9 +92,11 @@ def _as_rows(input_ids) -> list[list[int]]:
 
 
 def prefill(cfg: Config, params, input_ids: Sequence[Sequence[int]] | np.ndarray, *,
-            max_new_tokens: int, seed: int | jax.Array = 0, prefill_chunk: int = 512):
+            max_new_tokens: int, seed: int | jax.Array = 0, prefill_chunk: int = 512, mesh=None,
+            rules="combined"):
     """Check and left-pad the prompts, run them through the model in pieces of `prefill_chunk`
-    tokens, and return (prompts [B, T] left-padded, decode state)."""
+    tokens, and return (prompts [B, T] left-padded, decode state). With a `mesh` the params,
+    cache and state are placed on it (see sharding/)."""
     t = cfg.text
     rows = _as_rows(input_ids)
     if max_new_tokens < 1:
@@ -115,27 +121,34 @@ def prefill(cfg: Config, params, input_ids: Sequence[Sequence[int]] | np.ndarray
     for b, r in enumerate(rows):
         ids[b, T_pad - len(r):] = r
         positions[b, T_pad - len(r):] = np.arange(len(r))
-    cache = kv_cache.init_cache(cfg, len(rows), _round_up(T + max_new_tokens, BUCKET))
+    plan, params = place_on_mesh(cfg, params, len(rows), mesh, rules)
+    put = (lambda x, axes: x) if plan is None else plan.put  # noqa: E731
+    max_len = _round_up(T + max_new_tokens, BUCKET)
+    cache = (kv_cache.init_cache(cfg, len(rows), max_len) if plan is None
+             else plan.init_cache(cfg, len(rows), max_len))
     for s in range(0, T_pad, piece):
-        logits, cache = extend(cfg, params, ids[:, s:s + piece], positions[:, s:s + piece], cache)
+        logits, cache = extend(cfg, params, put(ids[:, s:s + piece], ("batch", "seq")),
+                               put(positions[:, s:s + piece], ("batch", "seq")), cache, plan)
     key = jax.random.key(seed) if isinstance(seed, int) else seed
-    state = (logits[:, -1], jnp.asarray(positions[:, -1] + 1), cache,
-             jnp.zeros((len(rows),), bool), key)
+    state = (logits[:, -1], put(jnp.asarray(positions[:, -1] + 1), ("batch",)), cache,
+             put(jnp.zeros((len(rows),), bool), ("batch",)), key)
     return ids[:, T_pad - T:], state
 
 
 def decode_stream(cfg: Config, params, state, *, max_new_tokens: int, temperature: float = 0.0,
                   top_k: int | None = None, top_p: float | None = None,
-                  stop_tokens: Sequence[int] | None = None,
-                  stream_every: int | None = None) -> Iterator[np.ndarray]:
+                  stop_tokens: Sequence[int] | None = None, stream_every: int | None = None,
+                  mesh=None, rules="combined") -> Iterator[np.ndarray]:
     """New tokens [B, n] every `stream_every` tokens (all at once when None), until
-    max_new_tokens or every row has stopped."""
+    max_new_tokens or every row has stopped. `mesh`, `rules`: as given to `prefill`."""
+    plan, params = place_on_mesh(cfg, params, state[0].shape[0], mesh, rules)
     stop = list(cfg.text.eos_token_ids if stop_tokens is None else stop_tokens) or [-1]
     every = stream_every or max_new_tokens
     for done_so_far in range(0, max_new_tokens, every):
         steps = min(every, max_new_tokens - done_so_far)
         new, state = decode(cfg, params, state, jnp.asarray(stop, jnp.int32), _pad_id(cfg),
-                            steps=steps, temperature=float(temperature), top_k=top_k, top_p=top_p)
+                            steps=steps, temperature=float(temperature), top_k=top_k, top_p=top_p,
+                            plan=plan)
         yield np.asarray(new)
         if bool(jnp.all(state[3])):
             return
@@ -152,8 +165,10 @@ def _pad_id(cfg: Config) -> int:
 def generate(cfg: Config, params, input_ids, *, max_new_tokens: int, **kw) -> np.ndarray:
     """Prompt followed by up to max_new_tokens new tokens: [B, T + N], rows left-padded with the
     pad id to the longest prompt and right-padded after a stop token (eos, eom, eot by default).
-    Keywords: temperature (0: greedy), top_k, top_p, seed, stop_tokens, prefill_chunk."""
+    Keywords: temperature (0: greedy), top_k, top_p, seed, stop_tokens, prefill_chunk; mesh and
+    rules run it sharded (see sharding/)."""
     prefill_kw = {k: kw.pop(k) for k in ("seed", "prefill_chunk") if k in kw}
+    prefill_kw.update({k: kw[k] for k in ("mesh", "rules") if k in kw})
     prompts, state = prefill(cfg, params, input_ids, max_new_tokens=max_new_tokens, **prefill_kw)
     new = list(decode_stream(cfg, params, state, max_new_tokens=max_new_tokens, **kw))
     out = np.concatenate([prompts, *new], axis=1)

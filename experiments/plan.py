@@ -1,0 +1,237 @@
+"""Memory planner: does a model, mesh, dtype, batch and context fit, before renting the hardware?
+
+    python -m experiments.plan --preset scout --mesh tensor=8 --dtype bfloat16 --batch 1 --context 1048576
+    python -m experiments.plan --table experiments/results/plan.md     # the table in the README
+
+Prefill and decode are compiled ahead of time for the text decoder on abstract inputs
+(jax.ShapeDtypeStruct carrying the target shardings: nothing is allocated) over simulated CPU
+devices, one per mesh position, and `compiled.memory_analysis()` of the per-device SPMD program
+gives the bytes of arguments, outputs (less those aliased to donated inputs) and temporaries.
+Prefill is one piece of --prefill-chunk tokens appended to a cache of --context positions (the
+last and largest piece: every piece runs the same program); decode is the jitted loop.
+
+Params and KV cache per device are exact: they are the shard sizes. Read the temporaries as an
+estimate: they come from XLA:CPU's buffer assignment, and XLA:GPU or TPU fuse differently.
+bfloat16 is compiled as float16, the same size: XLA:CPU has no bf16 arithmetic, rewrites every
+bf16 op in f32 and hoists f32 copies of whole stacked weights and caches out of the layer loop
+(measured: 73 GB of temporaries for Scout's decode on tensor=8 at 1M context, against 10 GB as
+float16), which would describe XLA:CPU rather than the model. XLA:CPU still upcasts each f16
+matmul's operands to f32 one layer at a time, so temporaries err on the high side.
+Memory per chip is taken as H100 80 GB, H200 141 GB, TPU v5p 95 GB (1 GB = 1e9 bytes), and a
+plan "fits" within 95% of it (on GPUs also set XLA_PYTHON_CLIENT_MEM_FRACTION=.95: JAX
+preallocates 75% by default).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import jax
+import numpy as np
+
+DEVICES_GB = {"H100": 80, "H200": 141, "TPU v5p": 95}
+GB = 1e9
+HEADROOM = 0.95  # a runtime keeps some memory for itself: "fits" leaves 5% of the chip free
+
+
+def simulate_devices(n: int):
+    """n CPU devices: set before JAX starts its backends (as when run with python -m)."""
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except Exception:  # backends already up (a test process): use what is there
+        pass
+    cpus = jax.devices("cpu")
+    if len(cpus) < n:
+        sys.exit(f"the mesh needs {n} devices but this process has {len(cpus)} CPU devices "
+                 "(JAX started before the planner could add more)")
+    return cpus[:n]
+
+
+def _bytes_per_device(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard set)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        total += math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def abstract(tree, shardings):
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        tree, shardings)
+
+
+def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
+         param_dtype: str | None = None, rules: str = "combined", prefill_chunk: int = 512,
+         steps: int = 16, devices=None) -> dict:
+    import model
+    import sharding
+    from model import kv_cache, sampling
+    from model.multimodal import DECODER_KEYS
+
+    stand_in = lambda d: "float16" if d == "bfloat16" else d  # noqa: E731  (see the docstring)
+    cfg = model.preset(preset).replace(dtype=stand_in(dtype),
+                                       param_dtype=stand_in(param_dtype or dtype), vision=None)
+    mesh = sharding.make_mesh(mesh_spec, devices)
+    p = sharding.make_plan(cfg, mesh, rules, batch=batch)
+    params = abstract(model.param_shapes(cfg), sharding.param_shardings(cfg, mesh, rules))
+    params = {k: params[k] for k in DECODER_KEYS}
+    cache = jax.eval_shape(lambda: kv_cache.init_cache(cfg, batch, context))
+    cache = abstract(cache, p.cache_shardings(cache))
+    piece = min(prefill_chunk, context)
+    tokens = lambda shape: jax.ShapeDtypeStruct(  # noqa: E731
+        shape, np.int32, sharding=p.sharding(("batch", "seq")[:len(shape)], shape))
+    row = lambda logical, shape, dt: jax.ShapeDtypeStruct(  # noqa: E731
+        shape, dt, sharding=p.sharding(logical, shape))
+    out = {"preset": preset, "mesh": mesh_spec, "dtype": dtype,
+           "param_dtype": param_dtype or dtype, "batch": batch, "context": context,
+           "params": _bytes_per_device(params), "cache": _bytes_per_device(cache)}
+
+    t0 = time.perf_counter()
+    prefill = sampling.extend.lower(cfg, params, tokens((batch, piece)), tokens((batch, piece)),
+                                    cache, p).compile()
+    t1 = time.perf_counter()
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    state = (row(("batch", "vocab"), (batch, cfg.text.vocab_size), np.float32),
+             tokens((batch,)), cache, row(("batch",), (batch,), np.bool_), key)
+    stop = jax.ShapeDtypeStruct((len(cfg.text.eos_token_ids),), np.int32)
+    decode = sampling.decode.lower(cfg, params, state, stop, 0, steps=steps, temperature=0.0,
+                                   top_k=None, top_p=None, plan=p).compile()
+    t2 = time.perf_counter()
+    out["compile_s"] = {"prefill": t1 - t0, "decode": t2 - t1}
+    for name, c in (("prefill", prefill), ("decode", decode)):
+        m = c.memory_analysis()
+        args, outs, alias, temp = (m.argument_size_in_bytes, m.output_size_in_bytes,
+                                   m.alias_size_in_bytes, m.temp_size_in_bytes)
+        out[name] = {"arguments": args, "outputs": outs, "aliased": alias, "temporaries": temp,
+                     "total": args + outs - alias + temp}
+    out["arithmetic"] = arithmetic(cfg, mesh, batch, context, piece)
+    return out
+
+
+def arithmetic(cfg, mesh, batch: int, context: int, piece: int) -> dict:
+    """The same figures from the config alone: params / model shards, KV cache / its shards, and
+    the largest activation of prefill: one global layer's fp32 query x key scores and the bf16
+    or fp32 probabilities (the XLA attention path), over the devices that split the heads."""
+    from model import kv_cache
+    from model.config import param_count
+    t = cfg.text
+    size = dict(mesh.shape)
+    tp, ep, fsdp = size["tensor"], size["expert"], size["fsdp"]
+    b = np.dtype(cfg.param_dtype).itemsize
+    a = np.dtype(cfg.dtype).itemsize
+    D, F, E = t.hidden_size, t.intermediate_size, t.num_experts
+    n_moe = len(t.moe_layers)
+    experts = n_moe * E * 3 * D * F
+    rest = param_count(cfg)["text"] - experts
+    # experts split over expert x tensor x fsdp; everything else over tensor x fsdp (near enough:
+    # the norms are split over fsdp only, and they are a rounding error)
+    params = (experts / (ep * tp * fsdp) + rest / (tp * fsdp)) * b
+    kv_split = tp if t.num_kv_heads % tp == 0 else 1
+    cache = kv_cache.cache_bytes(cfg, batch, context, a) / kv_split
+    scores = batch * (t.num_heads // tp) * piece * (context + piece) * (4 + a)
+    return {"params": params, "cache": cache, "scores": scores,
+            "total": params + cache + scores}
+
+
+def _gb(x) -> str:
+    return f"{x / GB:.1f}"
+
+
+def report(r: dict) -> str:
+    lines = [f"{r['preset']} on {r['mesh']}, {r['dtype']} compute, {r['param_dtype']} params, "
+             f"batch {r['batch']}, context {r['context']}: per device (GB = 1e9 bytes)",
+             f"  params {_gb(r['params'])}   KV cache {_gb(r['cache'])}   (shard sizes)"]
+    for name in ("prefill", "decode"):
+        m = r[name]
+        fits = "  ".join(f"{d} {'yes' if m['total'] <= HEADROOM * gb * GB else 'NO'}"
+                         for d, gb in DEVICES_GB.items())
+        lines.append(f"  {name:8s} arguments {_gb(m['arguments'])}  outputs {_gb(m['outputs'])}"
+                     f"  aliased {_gb(m['aliased'])}  temporaries {_gb(m['temporaries'])}"
+                     f"  -> total {_gb(m['total'])}   fits: {fits}")
+    a = r["arithmetic"]
+    lines.append(f"  arithmetic: params {_gb(a['params'])} + cache {_gb(a['cache'])} + prefill "
+                 f"attention scores {_gb(a['scores'])} = {_gb(a['total'])}")
+    c = r["compile_s"]
+    lines.append(f"  compiled in {c['prefill']:.0f} s (prefill) + {c['decode']:.0f} s (decode)")
+    return "\n".join(lines)
+
+
+TABLE = [  # (preset, mesh, dtype, context); fp8 weights are left out: XLA:CPU upcasts them
+    ("scout", "tensor=8", "bfloat16", 8192),
+    ("scout", "tensor=8", "bfloat16", 131072),
+    ("scout", "tensor=8", "bfloat16", 1048576),
+    ("scout", "tensor=8", "float32", 131072),
+    ("scout", "expert=8", "bfloat16", 131072),
+    ("maverick", "tensor=8", "bfloat16", 8192),
+    ("maverick", "tensor=8", "bfloat16", 1048576),
+    ("maverick", "expert=4,tensor=2", "bfloat16", 131072),
+    ("maverick", "expert=8", "bfloat16", 131072),
+]
+
+
+def table(path: str, devices, batch: int):
+    rows = []
+    for preset, mesh, dtype, ctx in TABLE:
+        r = plan(preset, mesh, dtype, batch, ctx, devices=devices)
+        print(report(r), flush=True)
+        rows.append(r)
+    head = ("| model | mesh | dtype | context | params | KV cache | prefill total | decode total "
+            "| arithmetic | H100 80 | H200 141 | v5p 95 |\n" + "|---" * 12 + "|")
+    body = []
+    for r in rows:
+        peak = max(r["prefill"]["total"], r["decode"]["total"])
+        fit = [("yes" if peak <= HEADROOM * gb * GB else "no") for gb in DEVICES_GB.values()]
+        body.append(f"| {r['preset']} | {r['mesh']} | {r['dtype']} | {r['context']} "
+                    f"| {_gb(r['params'])} | {_gb(r['cache'])} | {_gb(r['prefill']['total'])} "
+                    f"| {_gb(r['decode']['total'])} | {_gb(r['arithmetic']['total'])} "
+                    f"| {' | '.join(fit)} |")
+    with open(path, "w") as f:
+        f.write(f"""# Memory plan: per-device GB (1e9 bytes), batch 1, text decoder
+
+Made by `python -m experiments.plan --table {path}` (jax {jax.__version__}, XLA:CPU with 8
+simulated devices, about a minute); one row alone: `python -m experiments.plan --preset scout
+--mesh tensor=8 --dtype bfloat16 --batch 1 --context 1048576`.
+
+- params, KV cache: shard sizes (exact). prefill / decode total: arguments + outputs - aliased
+  (donated cache) + temporaries of the compiled programs (prefill: one 512-token piece at the end
+  of the context; decode: the jitted loop). Fits: the larger total within 95% of the chip's
+  memory (a runtime keeps some for itself).
+- arithmetic: from the config alone, params / their shards + KV cache / its shards + one global
+  layer's prefill attention scores (fp32) and probabilities. The compiled prefill holds about
+  three score-sized fp32 buffers at once (scores, masked scores, exponentials), which is most of
+  the gap at long context: 512 x 1M scores per head. A smaller `--prefill-chunk` shrinks it.
+- bfloat16 is compiled as float16 (same bytes): XLA:CPU rewrites bf16 (and fp8) arithmetic in
+  f32 and hoists f32 copies of whole stacked weights out of the layer loop, which measures
+  XLA:CPU, not the model. Temporaries are XLA:CPU's; GPU and TPU compilers fuse differently.
+- expert=8 alone replicates attention, the shared experts, Maverick's dense layers and the vocab
+  on every device, hence its larger params; combine it with tensor (or fsdp) for big models.
+
+""" + head + "\n" + "\n".join(body) + "\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="scout")
+    ap.add_argument("--mesh", default="tensor=8")
+    ap.add_argument("--dtype", default="bfloat16", help="compute dtype")
+    ap.add_argument("--param-dtype", default=None, help="weights' dtype (default: --dtype)")
+    ap.add_argument("--rules", default="combined")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=131072)
+    ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--table", metavar="PATH", help="plan the configurations of TABLE, write PATH")
+    args = ap.parse_args(argv)
+    from sharding.mesh import parse_mesh
+    n = 8 if args.table else math.prod(parse_mesh(args.mesh).values())
+    devices = simulate_devices(n)
+    if args.table:
+        return table(args.table, devices, args.batch)
+    print(report(plan(args.preset, args.mesh, args.dtype, args.batch, args.context,
+                      param_dtype=args.param_dtype, rules=args.rules,
+                      prefill_chunk=args.prefill_chunk, devices=devices)))
+
+
+if __name__ == "__main__":
+    main()
