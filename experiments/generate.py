@@ -1,0 +1,98 @@
+"""Generate text from a checkpoint, streaming it, then print prefill and decode speed.
+
+    python -m experiments.generate --ckpt PATH --prompt "def fib(n):" [--chat]
+        [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+    python -m experiments.generate --ckpt PATH --prompt-ids 1,2,3      # no tokenizer needed
+
+PATH is an HF directory or an Orbax directory (checkpoints.load); the tokenizer is the
+tokenizer.json inside it, or --tokenizer FILE.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+
+import checkpoints
+from model import sampling
+from model.tokenizer import Tokenizer
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", required=True, help="HF or Orbax checkpoint directory")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs a tokenizer)")
+    src.add_argument("--prompt-ids", help="comma-separated token ids")
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn")
+    ap.add_argument("--tokenizer", help="tokenizer.json (default: the one in --ckpt)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--top-p", type=float)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stream-every", type=int, default=8, help="tokens per decode call")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, checkpoints.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run(args):
+    cfg, params = checkpoints.load(args.ckpt)
+    tok = None
+    if args.prompt is not None or args.tokenizer:
+        tok = Tokenizer.load(args.tokenizer or args.ckpt)
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}")
+    elif args.chat:
+        ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        ids = tok.encode(args.prompt)
+    stop = tok.stop_ids if tok is not None else None
+
+    t0 = time.perf_counter()
+    prompt, state = sampling.prefill(cfg, params, [ids], max_new_tokens=args.max_new_tokens,
+                                     seed=args.seed)
+    jax.block_until_ready(state)
+    t_prefill = time.perf_counter() - t0
+    if args.prompt is not None and not args.chat:
+        print(args.prompt, end="", flush=True)
+    stop_set = set(stop or cfg.text.eos_token_ids)
+    produced = []
+
+    def new_tokens():  # row 0's tokens as they arrive, up to its stop token
+        for new in sampling.decode_stream(cfg, params, state, max_new_tokens=args.max_new_tokens,
+                                          temperature=args.temperature, top_k=args.top_k,
+                                          top_p=args.top_p, stop_tokens=stop,
+                                          stream_every=args.stream_every):
+            for t in map(int, new[0]):
+                if t in stop_set:
+                    return
+                produced.append(t)
+                yield t
+
+    t1 = time.perf_counter()
+    pieces = tok.stream(new_tokens()) if tok is not None else (f"{t} " for t in new_tokens())
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    t_decode = time.perf_counter() - t1
+    print(f"\n\nprefill: {len(prompt[0])} tokens in {t_prefill:.2f}s "
+          f"({len(prompt[0]) / t_prefill:.1f} tok/s, compile included); "
+          f"decode: {len(produced)} tokens in {t_decode:.2f}s ({len(produced) / max(t_decode, 1e-9):.1f} tok/s)",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""KV-cache memory of a preset at a few context lengths: the hybrid layout against all-global.
+
+    python -m experiments.kv_memory [--preset scout] [--batch 1] [--bytes 2]
+
+Chunked (RoPE) layers keep a ring buffer of attention_chunk_size positions; only the global
+(NoPE) layers grow with the context (model/kv_cache.py).
+"""
+from __future__ import annotations
+
+import argparse
+
+import model
+from model import kv_cache
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="scout")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--bytes", type=int, default=2, help="bytes per value (2: bf16)")
+    args = ap.parse_args()
+    cfg = model.preset(args.preset)
+    every_layer_global = cfg.replace_text(attention_chunk_size=None)
+    t = cfg.text
+    per_token = 2 * t.num_kv_heads * t.head_dim * args.bytes * len(t.nope_layers)
+    print(f"{args.preset}: {len(t.nope_layers)} global layers grow by {per_token / 1024:.0f} KiB "
+          f"a token; {t.num_layers - len(t.nope_layers)} chunked layers hold "
+          f"{t.attention_chunk_size} positions each (batch {args.batch}, {args.bytes} B/value)")
+    print(f"{'context':>10s} {'hybrid cache':>14s} {'all-global':>12s}")
+    for ctx in (131072, 1 << 20, 10 * (1 << 20)):
+        hybrid = kv_cache.cache_bytes(cfg, args.batch, ctx, args.bytes)
+        full = kv_cache.cache_bytes(every_layer_global, args.batch, ctx, args.bytes)
+        print(f"{ctx:>10d} {hybrid / 2**30:>10.1f} GiB {full / 2**30:>8.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()
