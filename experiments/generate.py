@@ -1,6 +1,6 @@
 """Generate text from a checkpoint, streaming it, then print prefill and decode speed.
 
-    python -m experiments.generate --ckpt PATH --prompt "def fib(n):" [--chat]
+    python -m experiments.generate --ckpt PATH --prompt "def fib(n):" [--chat] [--image FILE]
         [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
     python -m experiments.generate --ckpt PATH --prompt-ids 1,2,3      # no tokenizer needed
 
@@ -14,10 +14,16 @@ import sys
 import time
 
 import jax
+from PIL import Image
 
 import checkpoints
-from model import sampling
+from model import image_processing, sampling
 from model.tokenizer import Tokenizer
+
+
+# ImageTokens field -> tokenizer special-token name
+LAYOUT_TOKENS = {"image_start": "image_start", "image_end": "image_end", "tile_x": "tile_x_separator",
+                 "tile_y": "tile_y_separator", "image": "image", "patch": "patch"}
 
 
 def parse_args(argv=None):
@@ -27,6 +33,7 @@ def parse_args(argv=None):
     src.add_argument("--prompt", help="prompt text (needs a tokenizer)")
     src.add_argument("--prompt-ids", help="comma-separated token ids")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn")
+    ap.add_argument("--image", help="an image file, placed before the prompt text")
     ap.add_argument("--tokenizer", help="tokenizer.json (default: the one in --ckpt)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -46,6 +53,28 @@ def main(argv=None):
         sys.exit(1)
 
 
+def image_prompt(cfg, tok, args, text_ids):
+    """(ids, pixel_values) with the image's token layout before the prompt text (inside the user
+    turn with --chat). Layout ids come from the tokenizer when it has them."""
+    try:
+        image = Image.open(args.image)
+        image.load()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--image {args.image}: cannot read the image ({e})") from None
+    tokens = None
+    if tok is not None and all(n in tok.special for n in LAYOUT_TOKENS.values()):
+        tokens = image_processing.ImageTokens(**{f: tok.special[n] for f, n in LAYOUT_TOKENS.items()})
+    if tok is None or args.prompt is None:
+        return image_processing.build_inputs([text_ids[:0], image, text_ids], cfg, tokens=tokens)
+    if args.chat:  # the image goes at the start of the user's message
+        marker = "\x00image\x00"
+        before, after = tok.render_chat([{"role": "user", "content": marker + args.prompt}]).split(marker)
+        parts = [tok.encode(before, bos=False), image, tok.encode(after, bos=False)]
+    else:
+        parts = [text_ids[:1], image, text_ids[1:]]  # after BOS
+    return image_processing.build_inputs(parts, cfg, tokens=tokens)
+
+
 def run(args):
     cfg, params = checkpoints.load(args.ckpt)
     tok = None
@@ -60,11 +89,14 @@ def run(args):
         ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
     else:
         ids = tok.encode(args.prompt)
+    pixel_values = None
+    if args.image is not None:
+        ids, pixel_values = image_prompt(cfg, tok, args, ids)
     stop = tok.stop_ids if tok is not None else None
 
     t0 = time.perf_counter()
     prompt, state = sampling.prefill(cfg, params, [ids], max_new_tokens=args.max_new_tokens,
-                                     seed=args.seed)
+                                     seed=args.seed, pixel_values=pixel_values)
     jax.block_until_ready(state)
     t_prefill = time.perf_counter() - t0
     if args.prompt is not None and not args.chat:

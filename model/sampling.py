@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import kv_cache
+from . import kv_cache, multimodal
 from .config import Config
 from .decoder import Decoder
 from .layers import place_on_mesh, sharding_plan
@@ -27,11 +27,26 @@ def _decoder_params(params):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache",))
-def extend(cfg: Config, params, ids, positions, cache, plan=None):
+def extend(cfg: Config, params, ids, positions, cache, plan=None, image=None):
     """Run tokens ids [B, T] at positions [B, T] through the model, appending to the cache.
-    Returns (logits [B, T, V], cache). `plan`: a sharding.Plan, or None on one device."""
+    Returns (logits [B, T, V], cache). `plan`: a sharding.Plan, or None on one device.
+    `image` = (mask [B, T], features [B, T, D]): embeddings replaced where mask is set."""
+    embed_fn = None
+    if image is not None:
+        embed_fn = lambda x: jnp.where(image[0][..., None], image[1].astype(x.dtype), x)  # noqa: E731
     with sharding_plan(plan):
-        return Decoder(cfg).apply({"params": _decoder_params(params)}, ids, positions, cache=cache)
+        return Decoder(cfg).apply({"params": _decoder_params(params)}, ids, positions,
+                                  embed_fn=embed_fn, cache=cache)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _image_embeddings(cfg: Config, params, ids, pixel_values):
+    """(mask [B, T], features [B, T, D]) for the <|patch|> positions of ids, filled in row-major
+    order from the tiles' features (as `multimodal.splice` does)."""
+    feats = multimodal.image_features(cfg, params, pixel_values)
+    mask = ids == cfg.image_token_id
+    k = jnp.clip(jnp.cumsum(mask.reshape(-1)) - 1, 0, feats.shape[0] - 1).reshape(ids.shape)
+    return mask, jnp.where(mask[..., None], feats[k], 0)
 
 
 def sample(logits, key, temperature, top_k: int | None, top_p: float | None):
@@ -93,10 +108,11 @@ def _as_rows(input_ids) -> list[list[int]]:
 
 def prefill(cfg: Config, params, input_ids: Sequence[Sequence[int]] | np.ndarray, *,
             max_new_tokens: int, seed: int | jax.Array = 0, prefill_chunk: int = 512, mesh=None,
-            rules="combined"):
+            rules="combined", pixel_values=None):
     """Check and left-pad the prompts, run them through the model in pieces of `prefill_chunk`
     tokens, and return (prompts [B, T] left-padded, decode state). With a `mesh` the params,
-    cache and state are placed on it (see sharding/)."""
+    cache and state are placed on it (see sharding/). pixel_values [tiles, S, S, 3]: the tiles
+    of every image of every row, in order (see `model.image_processing.build_inputs`)."""
     t = cfg.text
     rows = _as_rows(input_ids)
     if max_new_tokens < 1:
@@ -126,9 +142,20 @@ def prefill(cfg: Config, params, input_ids: Sequence[Sequence[int]] | np.ndarray
     max_len = _round_up(T + max_new_tokens, BUCKET)
     cache = (kv_cache.init_cache(cfg, len(rows), max_len) if plan is None
              else plan.init_cache(cfg, len(rows), max_len))
+    image = None
+    if pixel_values is not None:
+        pixel_values = jnp.asarray(pixel_values)
+        multimodal.check_pixel_values(cfg, pixel_values)
+    multimodal.check_image_tokens(cfg, ids, pixel_values)
+    if pixel_values is not None:
+        image = _image_embeddings(cfg, params, ids, pixel_values)
     for s in range(0, T_pad, piece):
+        piece_image = None if image is None else (
+            put(image[0][:, s:s + piece], ("batch", "seq")),
+            put(image[1][:, s:s + piece], ("batch", "seq", "act_embed")))
         logits, cache = extend(cfg, params, put(ids[:, s:s + piece], ("batch", "seq")),
-                               put(positions[:, s:s + piece], ("batch", "seq")), cache, plan)
+                               put(positions[:, s:s + piece], ("batch", "seq")), cache, plan,
+                               piece_image)
     key = jax.random.key(seed) if isinstance(seed, int) else seed
     state = (logits[:, -1], put(jnp.asarray(positions[:, -1] + 1), ("batch",)), cache,
              put(jnp.zeros((len(rows),), bool), ("batch",)), key)
@@ -165,9 +192,9 @@ def _pad_id(cfg: Config) -> int:
 def generate(cfg: Config, params, input_ids, *, max_new_tokens: int, **kw) -> np.ndarray:
     """Prompt followed by up to max_new_tokens new tokens: [B, T + N], rows left-padded with the
     pad id to the longest prompt and right-padded after a stop token (eos, eom, eot by default).
-    Keywords: temperature (0: greedy), top_k, top_p, seed, stop_tokens, prefill_chunk; mesh and
-    rules run it sharded (see sharding/)."""
-    prefill_kw = {k: kw.pop(k) for k in ("seed", "prefill_chunk") if k in kw}
+    Keywords: temperature (0: greedy), top_k, top_p, seed, stop_tokens, prefill_chunk,
+    pixel_values (images, as for `model.forward`); mesh and rules run it sharded (sharding/)."""
+    prefill_kw = {k: kw.pop(k) for k in ("seed", "prefill_chunk", "pixel_values") if k in kw}
     prefill_kw.update({k: kw[k] for k in ("mesh", "rules") if k in kw})
     prompts, state = prefill(cfg, params, input_ids, max_new_tokens=max_new_tokens, **prefill_kw)
     new = list(decode_stream(cfg, params, state, max_new_tokens=max_new_tokens, **kw))

@@ -32,9 +32,10 @@ def llama4_text_config(**overrides) -> Llama4TextConfig:
     return Llama4TextConfig(**{**TEXT, **overrides})
 
 
-def llama4_config(vision: dict | None = None, **text_overrides) -> Llama4Config:
+def llama4_config(vision: dict | None = None, top: dict | None = None,
+                  **text_overrides) -> Llama4Config:
     return Llama4Config(text_config={**TEXT, **text_overrides},
-                        vision_config={**VISION, **(vision or {})})
+                        vision_config={**VISION, **(vision or {})}, **(top or {}))
 
 
 def make_hf_text_model(tmp_path: Path, name: str = "hf_text", seed: int = 0,
@@ -46,11 +47,11 @@ def make_hf_text_model(tmp_path: Path, name: str = "hf_text", seed: int = 0,
 
 def make_hf_multimodal_model(tmp_path: Path, name: str = "hf_mm", seed: int = 0,
                              vision: dict | None = None, max_shard_size: str | None = None,
-                             **text_overrides):
+                             top: dict | None = None, **text_overrides):
     """(directory, model): a saved random Llama4ForConditionalGeneration, in the published
     layout (language_model.model.*, language_model.lm_head.weight, vision_model.*,
     multi_modal_projector.*)."""
-    model = randomize_(Llama4ForConditionalGeneration(llama4_config(vision, **text_overrides)),
+    model = randomize_(Llama4ForConditionalGeneration(llama4_config(vision, top, **text_overrides)),
                        seed).eval()
     return _save(model, Path(tmp_path) / name, max_shard_size), model
 

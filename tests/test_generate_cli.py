@@ -49,3 +49,30 @@ def test_missing_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit):
         generate.main(["--ckpt", str(tmp_path / "nope"), "--prompt-ids", "1"])
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def mm_ckpt(tmp_path_factory, tok):  # noqa: F811
+    from tests.hf_models import make_hf_multimodal_model
+    path, _ = make_hf_multimodal_model(
+        tmp_path_factory.mktemp("cli_mm"), vocab_size=512,
+        top=dict(image_token_index=tok.special["patch"], boi_token_index=tok.special["image_start"],
+                 eoi_token_index=tok.special["image_end"]))
+    tok.tk.save(str(path / "tokenizer.json"))
+    return path
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_image_prompt(mm_ckpt, tmp_path, capsys, chat):
+    from PIL import Image
+    import numpy as np
+    image = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 40, 3), np.uint8)).save(image)
+    generate.main(["--ckpt", str(mm_ckpt), "--prompt", "what is this?", "--image", str(image),
+                   "--max-new-tokens", "4", *(["--chat"] if chat else [])])
+    err = capsys.readouterr().err
+    assert "decode:" in err
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit):
+        generate.main(["--ckpt", str(mm_ckpt), "--prompt", "x", "--image", str(tmp_path / "bad.png")])
+    assert "cannot read the image" in capsys.readouterr().err

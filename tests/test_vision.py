@@ -280,3 +280,29 @@ def test_unrunnable_vision_config():
         V.check_config(C.VisionConfig(**{**v.__dict__, "vision_output_dim": 64}))
     with pytest.raises(C.ConfigError, match="multiple of 4"):
         V.check_config(C.VisionConfig(**{**v.__dict__, "hidden_size": 24, "num_heads": 4}))
+
+
+def test_generation_with_images(hf_and_ours):
+    """Prefill splices the image features (its last logits equal the full forward's), and a
+    ragged batch with images decodes like each row alone."""
+    from model import sampling
+    _, cfg, params = hf_and_ours
+    r = np.random.default_rng(8)
+    text = lambda n: list(r.integers(6, 128, n))  # noqa: E731
+    ids0, px0 = IP.build_inputs([text(3), _rgb(30, 60, 0), text(2)], cfg, tokens=TOKENS)
+    ids1, px1 = IP.build_inputs([text(5), _rgb(28, 24, 2), text(9)], cfg, tokens=TOKENS)
+    rows, pixel_values = [ids0.tolist(), ids1.tolist()], np.concatenate([px0, px1])
+    _, state = sampling.prefill(cfg, params, rows, max_new_tokens=4, pixel_values=pixel_values,
+                                prefill_chunk=16)  # several pieces: features cross piece borders
+    for b, (ids, px) in enumerate([(ids0, px0), (ids1, px1)]):
+        full = model.forward(cfg, params, ids[None], px)[0, -1]
+        np.testing.assert_allclose(state[0][b], full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
+    batch = model.generate(cfg, params, rows, pixel_values=pixel_values, max_new_tokens=6,
+                           stop_tokens=[])
+    T = max(map(len, rows))
+    for b, (ids, px) in enumerate([(ids0, px0), (ids1, px1)]):
+        alone = model.generate(cfg, params, [ids.tolist()], pixel_values=px, max_new_tokens=6,
+                               stop_tokens=[])[0]
+        assert batch[b, T - len(ids):].tolist() == alone.tolist()
+    with pytest.raises(ValueError, match="image tokens"):
+        model.generate(cfg, params, rows, max_new_tokens=2)  # image tokens but no pixels
