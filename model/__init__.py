@@ -16,6 +16,9 @@ Llama 4's quirks, each a trap for a port (LLAMA4.md has the sources):
   expert's *input*, not its output; an always-on shared expert sees the unscaled input. Maverick
   interleaves MoE and dense layers (MoE on odd layers).
 - The LM head is untied; no logit soft-capping; no embedding multiplier.
+- Vision: the class token is appended *last*; 2-D RoPE counts patch rows and columns from 1;
+  the adapter applies GELU after both of its layers; image features replace the embeddings of
+  `<|patch|>` tokens (200092), not of `<|image|>`.
 
 Parameters are a plain pytree (see checkpoints/keys.py for the HF correspondence); the layers live
 under "blocks", stacked over `cfg.text.num_blocks` repeats of the `cfg.text.period`-layer pattern.
@@ -35,10 +38,6 @@ from .sampling import generate
 from . import multimodal
 from .multimodal import DECODER_KEYS, VISION_KEYS
 from .vision import VisionTower
-
-
-def _decoder_params(params):
-    return {k: params[k] for k in DECODER_KEYS}
 
 
 def _dummy_tile(cfg: Config):
@@ -76,7 +75,7 @@ def param_axes(cfg: Config):
 @functools.partial(jax.jit, static_argnames=("cfg", "moe_impl", "plan"))
 def _forward(cfg: Config, params, input_ids, moe_impl: str, plan=None):
     with sharding_plan(plan):
-        return Decoder(cfg, moe_impl).apply({"params": _decoder_params(params)}, input_ids)[0]
+        return Decoder(cfg, moe_impl).apply({"params": multimodal.decoder_params(params)}, input_ids)[0]
 
 
 def forward(cfg: Config, params, input_ids, pixel_values=None, *, moe_impl: str = "grouped",

@@ -22,6 +22,11 @@ DECODER_KEYS = ("embed", "blocks", "final_norm", "lm_head")
 VISION_KEYS = ("vision", "projector")
 
 
+def decoder_params(params):
+    """The text decoder's part of a (possibly multimodal) parameter tree."""
+    return {k: params[k] for k in DECODER_KEYS}
+
+
 def splice(x, input_ids, features, image_token_id: int):
     """x [B, T, D] with the k-th image-token position (row-major) replaced by features[k].
 
@@ -45,7 +50,7 @@ def _forward(cfg: Config, params, input_ids, pixel_values, moe_impl: str, plan=N
         feats = image_features(cfg, params, pixel_values)
         embed_fn = functools.partial(splice, input_ids=input_ids, features=feats,
                                      image_token_id=cfg.image_token_id)
-        logits, _ = Decoder(cfg, moe_impl).apply({"params": {k: params[k] for k in DECODER_KEYS}},
+        logits, _ = Decoder(cfg, moe_impl).apply({"params": decoder_params(params)},
                                                  input_ids, embed_fn=embed_fn)
     return logits
 

@@ -22,10 +22,6 @@ from .layers import place_on_mesh, sharding_plan
 BUCKET = 32
 
 
-def _decoder_params(params):
-    return {k: params[k] for k in ("embed", "blocks", "final_norm", "lm_head")}
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache",))
 def extend(cfg: Config, params, ids, positions, cache, plan=None, image=None):
     """Run tokens ids [B, T] at positions [B, T] through the model, appending to the cache.
@@ -35,7 +31,7 @@ def extend(cfg: Config, params, ids, positions, cache, plan=None, image=None):
     if image is not None:
         embed_fn = lambda x: jnp.where(image[0][..., None], image[1].astype(x.dtype), x)  # noqa: E731
     with sharding_plan(plan):
-        return Decoder(cfg).apply({"params": _decoder_params(params)}, ids, positions,
+        return Decoder(cfg).apply({"params": multimodal.decoder_params(params)}, ids, positions,
                                   embed_fn=embed_fn, cache=cache)
 
 
@@ -87,8 +83,8 @@ def decode(cfg: Config, params, state, stop_tokens, pad_id, *, steps: int, tempe
         out = out.at[:, i].set(tok)
         done = done | jnp.isin(tok, stop_tokens)
         with sharding_plan(plan):
-            logits, cache = Decoder(cfg).apply({"params": _decoder_params(params)}, tok[:, None],
-                                               pos[:, None], cache=cache)
+            logits, cache = Decoder(cfg).apply({"params": multimodal.decoder_params(params)},
+                                               tok[:, None], pos[:, None], cache=cache)
         return i + 1, out, (logits[:, -1], pos + 1, cache, done, key)
 
     out = jnp.full((B, steps), pad_id, jnp.int32)
