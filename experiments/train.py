@@ -1,0 +1,161 @@
+"""Train from scratch or fine-tune the Llama 4 text decoder; resumable.
+
+    python -m experiments.train --preset tiny --data FILE_OR_DIR ... --out runs/x [--steps N]
+    python -m experiments.train --init CKPT --data chat.jsonl --out runs/ft     # fine-tune
+    python -m experiments.train ... --resume          # continue runs/x from its latest checkpoint
+
+Data: plain-text files (a directory stands for its *.py files), packed into rows; or .jsonl chat
+records ({"messages": [{"role", "content"}, ...]}), scored on the assistant turns only.
+--init reads an HF directory or an Orbax directory (`checkpoints.load`) or a run directory of
+this script; its tokenizer.json is used when present (--tokenizer overrides), else bytes.
+Only the text decoder is trained (a vision tower, if the checkpoint has one, is left out).
+Metrics go to OUT/metrics.jsonl; checkpoints to OUT/<step>/.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+import jax
+
+import model
+from model.config import ConfigError, preset
+from model.multimodal import DECODER_KEYS
+import training
+from training import OptimConfig, RunConfig
+from training.text import DataError, expand_paths, load_tokenizer
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """--set hidden_size=64 --set nope_layers=3,7: text-config fields, values as Python literals."""
+    import ast
+    fields = {f.name for f in dataclasses.fields(model.TextConfig)}
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise ConfigError(f"--set {item!r}: no text-config field {key!r}; "
+                              f"fields are {sorted(fields)}")
+        try:
+            v = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            v = value
+        if key.endswith("layers") and isinstance(v, int):
+            v = (v,)
+        out[key] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def default_dtype() -> str:
+    # bf16 matmuls are slow on CPUs; accelerators train with bf16 compute and fp32 master weights.
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def load_init(path: str):
+    """(cfg, params) from a run directory of this script, or through `checkpoints.load`."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--init {path!r} does not exist")
+    if any(n.isdigit() and os.path.exists(os.path.join(path, n, "meta")) for n in os.listdir(path)):
+        cfg, params = training.load_params(path)
+    else:
+        import checkpoints
+        cfg, params = checkpoints.load(path)
+    return cfg.replace(vision=None), {k: params[k] for k in DECODER_KEYS}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap.add_argument("--data", nargs="+", required=True, help="text/.jsonl files or directories")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--init", help="checkpoint to fine-tune (HF dir, Orbax dir, or a run dir)")
+    src.add_argument("--preset", default="tiny", help="model preset when training from scratch")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a text-config field (from scratch only)")
+    ap.add_argument("--tokenizer", help="tokenizer.json (default: --init's, else bytes)")
+    ap.add_argument("--out", default="runs/train", help="run directory")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--stop-at", type=int, help="stop after this step (resume later with --resume)")
+    ap.add_argument("--batch", type=int, default=8, help="rows per step")
+    ap.add_argument("--seq", type=int, default=256, help="tokens per row")
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--min-lr-ratio", type=float, default=0.1)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
+    ap.add_argument("--aux-coef", type=float, help="router_aux_loss_coef (default: the config's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    ap.add_argument("--no-async", action="store_true", help="save checkpoints synchronously")
+    ap.add_argument("--dtype", default=default_dtype(), help="compute dtype")
+    ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def run(args):
+    tok_path = args.tokenizer
+    if args.init and tok_path is None and os.path.isfile(os.path.join(args.init, "tokenizer.json")):
+        tok_path = os.path.join(args.init, "tokenizer.json")
+    tok = load_tokenizer(tok_path)
+    if args.init:
+        if args.set:
+            raise ConfigError("--set changes the architecture; it cannot apply to --init")
+        cfg, params = load_init(args.init)
+        make_params = lambda: params
+    else:
+        cfg = preset(args.preset).replace(vision=None).replace_text(
+            vocab_size=tok.vocab_size, bos_token_id=tok.special["bos"],
+            eos_token_ids=tuple(tok.stop_ids), pad_token_id=tok.special.get("pad"),
+            **parse_overrides(args.set))
+        key = jax.random.key(args.seed)
+        make_params = lambda: training.init_params(cfg, key)
+    cfg = cfg.replace(dtype=args.dtype, remat=args.remat, param_dtype="float32")
+    if args.aux_coef is not None:
+        cfg = cfg.replace_text(router_aux_loss_coef=args.aux_coef)
+    if tok.vocab_size > cfg.text.vocab_size:
+        raise DataError(f"the tokenizer has {tok.vocab_size} tokens, the model only "
+                        f"{cfg.text.vocab_size}")
+
+    docs, kind = training.read_documents(tok, expand_paths(args.data))
+    rows = training.pack(docs, kind, args.seq, tok.special.get("pad", 0))
+    n_targets = int(rows.weights.sum())
+    print(f"data: {len(docs)} {kind} documents -> {len(rows)} rows of {args.seq + 1} tokens, "
+          f"{n_targets:,} targets; model: {model.config.param_count(cfg)['text'] / 1e6:.2f}M "
+          f"parameters, {jax.default_backend()} {args.dtype}", file=sys.stderr)
+    optim = OptimConfig(lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
+                        steps=args.steps, weight_decay=args.weight_decay, clip=args.clip)
+    run_cfg = RunConfig(out=args.out, batch=args.batch, seq=args.seq, seed=args.seed,
+                        save_every=args.save_every, keep=args.keep, resume=args.resume,
+                        stop_at=args.stop_at,
+                        async_save=not args.no_async, progress=not args.no_progress)
+    info = {"kind": kind, "tokenizer": tok_path or "bytes"}
+    return training.train(cfg, make_params, rows, run_cfg, optim, info, tokenizer=tok)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    errors = (DataError, ConfigError, training.ResumeError, training.MemoryLimitError,
+              FileNotFoundError)
+    try:
+        import checkpoints
+        errors += (checkpoints.CheckpointError,)
+    except ImportError:
+        pass
+    try:
+        _, history = run(args)
+    except errors as e:
+        sys.exit(f"error: {e}")
+    if history:
+        last = history[-1]
+        print(f"step {last['step']}: loss {last['ce']:.4f}, {last['tokens_per_s']:,.0f} tokens/s; "
+              f"checkpoints in {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

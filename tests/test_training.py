@@ -1,0 +1,194 @@
+"""Training: exact resume after SIGKILL, bad input, packing and chat loss masks."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments.train import main
+from training import byte_tokenizer, pack, read_documents, read_metrics
+from training.data import Batches
+from training.text import chat_document, text_document
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = "def add(a, b):\n    return a + b\n\n" * 200
+SMALL = ["--steps", "1000", "--batch", "4", "--seq", "32", "--warmup", "2", "--lr", "1e-2",
+         "--save-every", "4", "--no-progress"]
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    f = tmp_path / "data.txt"
+    f.write_text(TEXT)
+    return f
+
+
+def _env(tmp_path):
+    # A compilation cache shared by the three processes: only the first one compiles.
+    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "PYTHONPATH": str(REPO)}
+
+
+def _train_cmd(data, out, *extra):
+    return [sys.executable, "-m", "experiments.train", "--data", str(data), "--out", str(out),
+            *SMALL, *extra]
+
+
+def test_sigkill_then_resume_gives_the_same_losses(tmp_path, text_file):
+    env = _env(tmp_path)
+    ref, run = tmp_path / "uninterrupted", tmp_path / "killed"
+    subprocess.run(_train_cmd(text_file, ref, "--stop-at", "20"), env=env, check=True,
+                   capture_output=True)
+
+    proc = subprocess.Popen(_train_cmd(text_file, run), env=env, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while max((m["step"] for m in read_metrics(run)), default=0) < 11:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    resumed = subprocess.run(_train_cmd(text_file, run, "--stop-at", "20", "--resume"), env=env,
+                             check=True, capture_output=True, text=True)
+    restored = int(resumed.stderr.split("from step ")[1].split()[0])
+    assert restored >= 4, resumed.stderr  # it did restore a checkpoint written before the kill
+    a, b = read_metrics(ref), read_metrics(run)
+    assert [m["step"] for m in b] == list(range(1, 21))
+    assert [m["loss"] for m in b] == [m["loss"] for m in a]  # bitwise: same data, same PRNG
+    assert b[-1]["loss"] < b[0]["loss"]
+
+
+def _tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def _error(argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return str(e.value.code)
+
+
+def test_bad_input_is_one_clear_error_and_leaves_checkpoints_alone(tmp_path, text_file):
+    out = tmp_path / "run"
+    args = ["--data", str(text_file), "--out", str(out), *SMALL]
+    assert "does not exist" in _error([*args[:1], str(tmp_path / "missing.txt"), *args[2:]])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "is empty" in _error(["--data", str(empty), *args[2:]])
+    assert not out.exists()
+
+    main([*args, "--stop-at", "2"])  # a real run to resume from
+    before = _tree_digest(out)
+    msg = _error([*args, "--resume", "--set", "hidden_size=64"])
+    assert "different run" in msg and "hidden_size" in msg, msg
+    msg = _error([*args, "--resume", "--seed", "1"])
+    assert "seed" in msg, msg
+    msg = _error([*args, "--stop-at", "4"])  # an existing run without --resume
+    assert "--resume" in msg, msg
+    msg = _error([*args, "--resume", "--batch", "1000000"])
+    assert "needs about" in msg and "GiB" in msg and "--batch" in msg, msg
+    assert _tree_digest(out) == before
+
+
+def test_stream_packing_scores_every_token_once():
+    tok = byte_tokenizer()
+    docs = [text_document(tok, "abcdefghij"), text_document(tok, "klmnop")]
+    rows = pack(docs, "text", 5, tok.special["pad"])
+    stream = np.concatenate([d.ids for d in docs])
+    # Consecutive rows overlap by one token; targets are row[1:], so each token is scored once.
+    assert (rows.tokens[1:, 0] == rows.tokens[:-1, -1]).all()
+    flat = np.concatenate([rows.tokens[0]] + [r[1:] for r in rows.tokens[1:]])
+    np.testing.assert_array_equal(flat, stream[: len(flat)])
+    assert rows.weights[:, 0].sum() == 0
+    # The second document's BOS is context, not a target.
+    bos = rows.tokens == tok.special["bos"]
+    assert rows.weights[bos].sum() == 0
+
+
+def test_chat_loss_is_on_assistant_turns_only():
+    tok = byte_tokenizer()
+    doc = chat_document(tok, [{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": "Hi?"},
+                              {"role": "assistant", "content": "Hello."}])
+    scored = doc.ids[doc.weights > 0]
+    assert tok.decode(scored, skip_special=False) == "Hello.<|eot|>"
+    text = tok.decode(doc.ids, skip_special=False)
+    assert text == ("<|begin_of_text|><|header_start|>system<|header_end|>\n\nBe brief.<|eot|>"
+                    "<|header_start|>user<|header_end|>\n\nHi?<|eot|>"
+                    "<|header_start|>assistant<|header_end|>\n\nHello.<|eot|>")
+
+
+def test_records_are_packed_whole_and_padding_is_not_real(tmp_path):
+    tok = byte_tokenizer()
+    f = tmp_path / "chat.jsonl"
+    recs = [{"messages": [{"role": "user", "content": "q" * n},
+                          {"role": "assistant", "content": "a" * n}]} for n in (3, 4, 40)]
+    f.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    docs, kind = read_documents(tok, [str(f)])
+    assert kind == "chat"
+    rows = pack(docs, kind, 63, tok.special["pad"])
+    # Records 1 and 2 share row 0; record 3 (longer than the rest of a row) starts row 1.
+    assert len(rows) == 3 and rows.tokens[1, 0] == tok.special["bos"]
+    assert (rows.tokens[~rows.real] == tok.special["pad"]).all()
+    assert rows.weights[~rows.real].sum() == 0
+    # The long record's pieces overlap by one token, scored once.
+    assert rows.weights.sum() == sum(d.weights.sum() for d in docs)
+
+
+def test_bad_chat_records(tmp_path):
+    tok = byte_tokenizer()
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(ValueError, match="no assistant message"):
+        read_documents(tok, [str(f)])
+    f.write_text('{"messages": [{"role": "user"}]}\n')
+    with pytest.raises(ValueError, match="'role' and 'content'"):
+        read_documents(tok, [str(f)])
+    f.write_text("{not json\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: not valid JSON"):
+        read_documents(tok, [str(f)])
+
+
+def test_batch_order_depends_only_on_the_step():
+    from training.data import Rows
+    R, L = 10, 5
+    rows = Rows(np.arange(R * L).reshape(R, L).astype(np.int32), np.ones((R, L), np.float32),
+                np.ones((R, L), bool))
+    a = [Batches(rows, 3, seed=7).batch_at(s)["tokens"][:, 0] // L for s in range(7)]
+    fresh = Batches(rows, 3, seed=7)
+    b = [fresh.batch_at(s)["tokens"][:, 0] // L for s in reversed(range(7))][::-1]
+    np.testing.assert_array_equal(np.stack(a), np.stack(b))
+    seen = np.concatenate(a)[:R]  # the first epoch visits every row once
+    assert sorted(seen) == list(range(R))
+
+
+def test_fine_tune_an_hf_checkpoint_on_chat_records(tmp_path):
+    from experiments.hf_reference import hf_text_model
+    hf = hf_text_model(dict(vocab_size=300, hidden_size=32, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            intermediate_size=16, intermediate_size_mlp=48, num_local_experts=4,
+                            attention_chunk_size=8, floor_scale=4))
+    hf.save_pretrained(tmp_path / "hf")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"What is {i} + {i}?"},
+        {"role": "assistant", "content": f"{2 * i}."}]}) + "\n" for i in range(40)))
+    out = tmp_path / "ft"
+    main(["--init", str(tmp_path / "hf"), "--data", str(chat), "--out", str(out), "--steps", "3",
+          "--batch", "2", "--seq", "64", "--no-progress"])
+    m = read_metrics(out)
+    assert [x["step"] for x in m] == [1, 2, 3]
+    # Only assistant answers are scored: "2i." and <|eot|> after "\n\n", a few tokens a record.
+    assert 0 < m[0]["targets"] < 2 * 64 / 4
+    assert (out / "3").is_dir() and (out / "tokenizer.json").is_file()

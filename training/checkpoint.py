@@ -1,0 +1,117 @@
+"""Training checkpoints: an Orbax CheckpointManager holding the train state and a JSON record.
+
+Layout: DIR/<step>/state (params, opt_state, step, rng) and DIR/<step>/meta (the model config as
+HF config.json fields, the data position and fingerprint, batch, seed, optimizer settings).
+Orbax writes each step to a temporary directory and renames it when complete, so a run killed
+mid-save leaves the previous checkpoints intact; a resume refuses a directory written by a
+different config or data before it writes anything.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from model.config import Config, from_hf, to_hf
+
+
+class ResumeError(ValueError):
+    """A checkpoint directory that does not belong to this run; the message names the difference."""
+
+
+def model_record(cfg: Config) -> dict:
+    return {"model": to_hf(cfg),
+            "compute": {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "remat": cfg.remat}}
+
+
+def config_from_meta(meta: dict) -> Config:
+    return from_hf(meta["model"], "checkpoint meta").replace(**meta["compute"])
+
+
+# Meta entries that may differ on resume: compute settings (dtype, remat) and the position.
+_MAY_CHANGE = ("compute", "step", "rows_consumed")
+
+
+def _one_device():
+    # Training here is single-device; a sharded run would pass its own shardings.
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+class Checkpointer:
+    def __init__(self, directory: str, save_every: int, keep: int, use_async: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.save_every = save_every
+        self._mgr = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+                enable_async_checkpointing=use_async))
+
+    def latest_step(self) -> int | None:
+        return self._mgr.latest_step()
+
+    def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
+        if not force and step % self.save_every:
+            return False
+        if step in self._mgr.all_steps():
+            return False
+        return self._mgr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def meta(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        return self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, abstract_state, step: int | None = None):
+        step = self.latest_step() if step is None else step
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=_one_device()),
+                                abstract_state)
+        out = self._mgr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        return out["state"], out["meta"]
+
+    def wait(self):
+        self._mgr.wait_until_finished()
+
+    def close(self):
+        self._mgr.close()
+
+
+def check_resumable(saved: dict, current: dict, directory: str):
+    """Raise ResumeError naming every field where the saved run differs from this one."""
+    diffs = []
+
+    def walk(a, b, where):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{where}.{k}" if where else k)
+        elif a != b:
+            diffs.append(f"{where}: checkpoint has {a!r}, this run has {b!r}")
+
+    walk({k: v for k, v in saved.items() if k not in _MAY_CHANGE},
+         {k: v for k, v in current.items() if k not in _MAY_CHANGE}, "")
+    if diffs:
+        raise ResumeError(f"cannot resume from {directory}: it was written by a different run:\n  "
+                          + "\n  ".join(diffs) + "\nUse a new --out directory, or the same settings.")
+
+
+def load_params(directory: str):
+    """(cfg, params) of the latest checkpoint of a training run directory (optimizer state is
+    not read)."""
+    ckpt = Checkpointer(directory, save_every=1, keep=None, use_async=False)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no training checkpoint under {directory}")
+        meta = ckpt.meta(step)
+        cfg = config_from_meta(meta)
+        import model
+        abstract = {"params": model.param_shapes(cfg)}
+        out = ckpt._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=abstract, partial_restore=True,
+            restore_args=jax.tree.map(
+                lambda s: ocp.ArrayRestoreArgs(dtype=s.dtype, sharding=_one_device()), abstract))))
+    finally:
+        ckpt.close()
+    return cfg, out["state"]["params"]

@@ -1,0 +1,146 @@
+"""The training loop: memory check, resume, steps with a progress bar, metrics log, checkpoints.
+
+A run directory holds the Orbax checkpoints (see checkpoint.py) and `metrics.jsonl`, one line per
+step: {"step": s, "loss": ..., "ce": ..., "aux": ..., "load": [[f_e per expert] per MoE layer],
+"grad_norm", "lr", "tokens_per_s"}, where step s is the s-th update and its loss was measured on
+the parameters before that update. On resume, lines past the restored step (written by the
+killed run after its last checkpoint) are dropped, so the file reads as one uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+import model
+
+from . import memory
+from .checkpoint import Checkpointer, ResumeError, check_resumable, model_record
+from .data import Batches, Rows
+from .step import OptimConfig, init_state, make_optimizer, make_train_step
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out: str                   # run directory: checkpoints and metrics.jsonl
+    batch: int = 8             # rows per step
+    seq: int = 256             # tokens per row (the model reads seq, is scored on seq)
+    seed: int = 0              # data order and PRNG
+    save_every: int = 100
+    keep: int = 3
+    resume: bool = False
+    stop_at: int | None = None  # stop (and save) after this step; the schedule still runs to steps
+    async_save: bool = True
+    progress: bool = True
+
+
+def _metrics_path(run: RunConfig) -> str:
+    return os.path.join(run.out, "metrics.jsonl")
+
+
+def read_metrics(out: str) -> list[dict]:
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _truncate_metrics(run: RunConfig, step: int):
+    kept = [m for m in read_metrics(run.out) if m["step"] <= step]
+    with open(_metrics_path(run), "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in kept)
+
+
+def _abstract_batch(run: RunConfig):
+    shape = (run.batch, run.seq + 1)
+    return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32),
+            "weights": jax.ShapeDtypeStruct(shape, jnp.float32),
+            "real": jax.ShapeDtypeStruct(shape, jnp.bool_)}
+
+
+def train(cfg, make_params: Callable[[], dict], rows: Rows, run: RunConfig, optim: OptimConfig,
+          data_info: dict | None = None, tokenizer=None,
+          on_step: Callable[[dict], None] | None = None):
+    """Train to `optim.steps`, resuming from run.out's latest checkpoint when run.resume.
+    `make_params()` is called only when starting fresh; `tokenizer` (a model.tokenizer.Tokenizer)
+    is saved as OUT/tokenizer.json. Returns (state, metrics of this call)."""
+    memory.check_estimate(cfg, run.batch, run.seq)
+    os.makedirs(run.out, exist_ok=True)
+    ckpt = Checkpointer(run.out, run.save_every, run.keep, run.async_save)
+    try:
+        return _train(cfg, make_params, rows, run, optim, data_info or {}, tokenizer, on_step,
+                      ckpt)
+    finally:
+        ckpt.close()
+
+
+def _train(cfg, make_params, rows, run, optim, data_info, tokenizer, on_step, ckpt):
+    opt = make_optimizer(optim)
+    meta = model_record(cfg) | {
+        "data": {"fingerprint": rows.fingerprint(), "rows": len(rows), "seq_len": run.seq,
+                 "batch_size": run.batch, "seed": run.seed, **data_info},
+        "optim": dataclasses.asdict(optim)}
+    abstract = jax.eval_shape(lambda p: init_state(p, opt, run.seed), model.param_shapes(cfg))
+    latest = ckpt.latest_step()
+    if latest is not None and not run.resume:
+        raise ResumeError(f"{run.out} already holds checkpoints (latest step {latest}); pass "
+                          "--resume to continue that run, or choose a new --out directory")
+    if latest is not None:
+        check_resumable(ckpt.meta(latest), meta, run.out)
+        state, _ = ckpt.restore(abstract, latest)
+        _truncate_metrics(run, latest)
+        print(f"resuming {run.out} from step {latest}", file=sys.stderr)
+    else:
+        if os.path.exists(_metrics_path(run)):
+            os.remove(_metrics_path(run))
+        state = init_state(make_params(), opt, run.seed)
+    if tokenizer is not None:
+        tokenizer.tk.save(os.path.join(run.out, "tokenizer.json"))
+    start = int(state["step"])
+    end = optim.steps if run.stop_at is None else min(run.stop_at, optim.steps)
+
+    step_fn = make_train_step(cfg, optim).lower(abstract, _abstract_batch(run)).compile()
+    memory.check_compiled(step_fn, run.batch, run.seq)
+    batches = Batches(rows, run.batch, run.seed)
+    history = []
+    bar = tqdm(total=optim.steps, initial=start, disable=not run.progress, unit="step",
+               dynamic_ncols=True)
+    tokens_per_step = run.batch * run.seq
+    with open(_metrics_path(run), "a") as log:
+        for s in range(start, end):
+            t0 = time.perf_counter()
+            state, m = step_fn(state, jax.device_put(batches.batch_at(s)))
+            m = jax.device_get(m)
+            dt = time.perf_counter() - t0
+            rec = {"step": s + 1, **{k: float(v) for k, v in m.items() if k != "load"},
+                   "tokens_per_s": tokens_per_step / dt}
+            if "load" in m:
+                rec["load"] = np.round(m["load"], 4).tolist()
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            history.append(rec)
+            post = {"loss": f"{rec['ce']:.3f}", "tok/s": f"{rec['tokens_per_s']:,.0f}"}
+            if "load" in m:  # 1.0 = perfectly balanced experts
+                post["max_load"] = f"{float(np.max(m['load'])) * cfg.text.num_experts:.2f}"
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+            ckpt.save(s + 1, state, meta | {"step": s + 1,
+                                             "rows_consumed": batches.rows_consumed(s + 1)})
+            if on_step is not None:
+                on_step(rec)
+    bar.close()
+    if end > start:
+        ckpt.save(end, state, meta | {"step": end, "rows_consumed": batches.rows_consumed(end)},
+                  force=True)
+    ckpt.wait()
+    return state, history

@@ -1,0 +1,167 @@
+"""Tokenizers and documents: text files and JSONL chat records -> (token ids, loss weights).
+
+A document is a pair of equal-length arrays: `ids` [n] int32 and `weights` [n] float32, where
+`weights[j]` says whether token j is a training *target* (the token predicted from ids[:j]).
+
+Chat records use Llama 4's layout (LLAMA4.md section 5): `<|begin_of_text|>`, then per message
+`<|header_start|>{role}<|header_end|>\\n\\n{content}<|eot|>`. Only the assistant turns' content and
+their closing `<|eot|>` are targets, so the model learns to answer and to stop, not to imitate
+the user.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Training data we cannot use (missing, empty, malformed); the message names the file."""
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte (what the ByteLevel pre-tokenizer uses)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
+BYTE_SPECIALS = ("bos", "eos", "header_start", "header_end", "eot", "pad")
+
+
+def byte_tokenizer():
+    """For from-scratch runs: token b < 256 is the byte b, then the few Llama 4 special tokens
+    that training and chat need (ids 256..261). Built as a `tokenizers` tokenizer.json (byte-level,
+    no merges), so it is a `model.tokenizer.Tokenizer` like a checkpoint's and is saved beside
+    the checkpoints it trained."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    from model.tokenizer import SPECIAL, Tokenizer
+    chars = _bytes_to_unicode()
+    tk = HFTokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(SPECIAL[n], special=True) for n in BYTE_SPECIALS])
+    return Tokenizer(tk)
+
+
+def load_tokenizer(path: str | None):
+    """A checkpoint's tokenizer.json (file or directory) via `model.tokenizer`; bytes if None."""
+    if path is None:
+        return byte_tokenizer()
+    from model.tokenizer import Tokenizer
+    try:
+        return Tokenizer.load(path)
+    except FileNotFoundError as e:
+        raise DataError(str(e)) from None
+
+
+@dataclass
+class Document:
+    ids: np.ndarray      # [n] int32
+    weights: np.ndarray  # [n] float32: 1 where token j is a loss target
+
+
+def text_document(tok, text: str) -> Document:
+    """BOS + text + EOS; every token but the BOS is a target (nothing precedes the BOS)."""
+    ids = tok.encode(text, bos=True) + [tok.special["eos"]]
+    w = np.ones(len(ids), np.float32)
+    w[0] = 0.0
+    return Document(np.asarray(ids, np.int32), w)
+
+
+def chat_document(tok, messages: list[dict], where: str = "record") -> Document:
+    sp = tok.special
+    ids, w = [sp["bos"]], [0.0]
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: each message needs string 'role' and 'content', got {m!r}")
+        role = "ipython" if m["role"] == "tool" else m["role"]
+        # "\n\n" and the content are one segment between special tokens, encoded together as in
+        # `Tokenizer.encode_chat` (BPE may merge across them); the "\n\n" tokens are not targets.
+        head = [sp["header_start"], *tok.encode(role, bos=False), sp["header_end"]]
+        body = [*tok.encode("\n\n" + m["content"], bos=False), sp["eot"]]
+        nl = tok.encode("\n\n", bos=False)
+        skip = len(nl) if body[:len(nl)] == nl else 0
+        target = 1.0 if role == "assistant" else 0.0
+        ids += head + body
+        w += [0.0] * (len(head) + skip) + [target] * (len(body) - skip)
+    return Document(np.asarray(ids, np.int32), np.asarray(w, np.float32))
+
+
+def _read_jsonl(tok, path: str) -> list[Document]:
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            messages = rec.get("messages") if isinstance(rec, dict) else rec
+            if not isinstance(messages, list):
+                raise DataError(f"{where}: expected {{'messages': [...]}} or a list of messages")
+            doc = chat_document(tok, messages, where)
+            if doc.weights.sum() == 0:
+                raise DataError(f"{where}: no assistant message, so nothing to learn from")
+            docs.append(doc)
+    return docs
+
+
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".jsonl")
+
+
+def expand_paths(paths: Iterable[str], suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> list[str]:
+    """Files as given; a directory stands for its files with these suffixes (recursively, sorted)."""
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs
+                           if f.endswith(suffixes))
+            if not found:
+                raise DataError(f"directory {p!r} has no {'/'.join(suffixes)} files")
+            out += found
+        elif os.path.isfile(p):
+            out.append(p)
+        else:
+            raise DataError(f"data file {p!r} does not exist")
+    return out
+
+
+def read_documents(tok, paths: Iterable[str]) -> tuple[list[Document], str]:
+    """Documents from text files (one document per file) or `.jsonl` chat files (one per record).
+    Returns (documents, kind) with kind "text" or "chat"; mixing the two kinds is an error."""
+    paths = list(paths)
+    if not paths:
+        raise DataError("no data files given")
+    need = {"bos", "eos"} | ({"header_start", "header_end", "eot"}
+                             if any(p.endswith(".jsonl") for p in paths) else set())
+    if need - set(tok.special):
+        raise DataError(f"the tokenizer lacks the special tokens {sorted(need - set(tok.special))} "
+                        "that this data needs")
+    docs, kinds = [], set()
+    for p in paths:
+        if not os.path.isfile(p):
+            raise DataError(f"data file {p!r} does not exist")
+        if p.endswith(".jsonl"):
+            kinds.add("chat")
+            new = _read_jsonl(tok, p)
+        else:
+            kinds.add("text")
+            with open(p, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+            new = [text_document(tok, text)] if text.strip() else []
+        if not new and len(paths) == 1:
+            raise DataError(f"data file {p!r} is empty")
+        docs += new
+    if len(kinds) > 1:
+        raise DataError("mixing plain-text and .jsonl chat files in one run is not supported")
+    if not docs:
+        raise DataError(f"all {len(paths)} data files are empty")
+    return docs, kinds.pop()
