@@ -35,7 +35,8 @@ def swiglu_tiled(xs, wi_gate, wi_up, wo, group_sizes, tile: int | None = None):
     E = group_sizes.shape[0]
     if tile is None:  # about M/E rows an expert: 8..128, a power of two
         tile = int(min(128, max(8, 2 ** round(math.log2(max(M // E, 1))))))
-    n_tiles = -(-M // tile) + E
+    # Every used tile holds at least one row, so there are at most M of them.
+    n_tiles = min(-(-M // tile) + E, M)
     padded = (group_sizes + tile - 1) // tile * tile
     padded_end = jnp.cumsum(padded)
     start = jnp.cumsum(group_sizes) - group_sizes
@@ -57,9 +58,23 @@ def swiglu_tiled(xs, wi_gate, wi_up, wo, group_sizes, tile: int | None = None):
     return y.reshape(n_tiles * tile, D)[slot]
 
 
+def swiglu_gathered(xs, wi_gate, wi_up, wo, group_sizes):
+    """The same for a handful of rows (decoding): each row gathers its expert's weights, so a
+    step reads only the selected experts; as one fused gather it also avoids the copy of a
+    layer's whole expert stack that the tiled scan makes inside the layer scan on CPU."""
+    M = xs.shape[0]
+    expert = jnp.repeat(jnp.arange(group_sizes.shape[0]), group_sizes, total_repeat_length=M)
+    h = jax.nn.silu(jnp.einsum("MD,MDF->MF", xs, wi_gate[expert]))
+    h = h * jnp.einsum("MD,MDF->MF", xs, wi_up[expert])
+    return jnp.einsum("MF,MFD->MD", h, wo[expert])
+
+
 def swiglu_grouped(xs, wi_gate, wi_up, wo, group_sizes):
-    kernel = swiglu_tiled if jax.default_backend() == "cpu" else swiglu_ragged
-    return kernel(xs, wi_gate, wi_up, wo, group_sizes)
+    if jax.default_backend() != "cpu":
+        return swiglu_ragged(xs, wi_gate, wi_up, wo, group_sizes)
+    if xs.shape[0] <= group_sizes.shape[0]:  # no more rows than experts: gathering reads less
+        return swiglu_gathered(xs, wi_gate, wi_up, wo, group_sizes)
+    return swiglu_tiled(xs, wi_gate, wi_up, wo, group_sizes)
 
 
 def experts_grouped(x, top_ids, scores, wi_gate, wi_up, wo):

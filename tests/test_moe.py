@@ -14,7 +14,7 @@ def _weights(E=6, D=16, F=24, seed=0):
 
 
 @pytest.mark.parametrize("k", [1, 2])
-@pytest.mark.parametrize("grouped", [moe.swiglu_tiled, moe.swiglu_ragged])
+@pytest.mark.parametrize("grouped", [moe.swiglu_tiled, moe.swiglu_ragged, moe.swiglu_gathered])
 def test_grouped_equals_dense(k, grouped, monkeypatch):
     monkeypatch.setattr(moe, "swiglu_grouped", grouped)
     E, T = 6, 50
@@ -35,14 +35,15 @@ def test_grouped_equals_dense(k, grouped, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_tiled_handles_empty_and_overfull_experts():
+def test_cpu_kernels_handle_empty_and_overfull_experts():
     E, D, M = 5, 8, 37
     wg, wu, wo = _weights(E, D, 12)
     xs = jnp.asarray(np.random.default_rng(2).normal(size=(M, D)), jnp.float32)
     for sizes in ([0, 37, 0, 0, 0], [1, 0, 0, 0, 36], [7, 8, 9, 6, 7]):
         gs = jnp.asarray(sizes, jnp.int32)
-        np.testing.assert_allclose(moe.swiglu_tiled(xs, wg, wu, wo, gs, tile=4),
-                                   moe.swiglu_ragged(xs, wg, wu, wo, gs), rtol=1e-5, atol=1e-5)
+        for kernel in (lambda *a: moe.swiglu_tiled(*a, tile=4), moe.swiglu_gathered):
+            np.testing.assert_allclose(kernel(xs, wg, wu, wo, gs),
+                                       moe.swiglu_ragged(xs, wg, wu, wo, gs), rtol=1e-5, atol=1e-5)
 
 
 def test_score_scales_the_expert_input_not_its_output():
