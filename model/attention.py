@@ -99,15 +99,20 @@ def chunked_causal_attention(q, k, v, chunk: int, **kw):
     return out.reshape(B, n * chunk, N, H)[:, :T]
 
 
-def cached_attention(q, k_new, v_new, q_pos, layer_cache, chunk: int | None):
+def cached_attention(q, k_new, v_new, q_pos, layer_cache, chunk: int | None,
+                     fresh: bool = False):
     """Attention of new queries [B, T, N, H] at positions q_pos [B, T] over the cached keys plus
     the new ones; masks come from absolute positions (cache slots hold -1 when empty).
-    Returns the output and the updated layer cache."""
+    `fresh`: the cache is known to be empty (a prompt's first piece), so only the new keys are
+    looked at. Returns the output and the updated layer cache."""
     B, T, N, H = q.shape
     K = k_new.shape[2]
-    k = jnp.concatenate([layer_cache["k"].astype(q.dtype), k_new], axis=1)  # [B, S + T, K, H]
-    v = jnp.concatenate([layer_cache["v"].astype(q.dtype), v_new], axis=1)
-    k_pos = jnp.concatenate([layer_cache["pos"], jnp.where(q_pos >= 0, q_pos, -1)], axis=1)
+    k_pos = jnp.where(q_pos >= 0, q_pos, -1)
+    k, v = k_new, v_new
+    if not fresh:
+        k = jnp.concatenate([layer_cache["k"].astype(q.dtype), k_new], axis=1)  # [B, S + T, K, H]
+        v = jnp.concatenate([layer_cache["v"].astype(q.dtype), v_new], axis=1)
+        k_pos = jnp.concatenate([layer_cache["pos"], k_pos], axis=1)
     qp, kp = q_pos[:, :, None], k_pos[:, None, :]                          # [B, T, 1], [B, 1, S+T]
     allowed = (kp >= 0) & (kp <= qp)
     if chunk is not None:
@@ -130,6 +135,7 @@ def temperature_scale(positions, floor_scale: float, attn_scale: float):
 class Attention(nn.Module):
     cfg: object  # the whole Config (dtypes); text fields come from cfg.text
     spec: LayerSpec
+    fresh_cache: bool = False  # see cached_attention
 
     @nn.compact
     def __call__(self, x, positions, cache=None):
@@ -158,7 +164,7 @@ class Attention(nn.Module):
         k, v = (constrain(a, ("batch", "seq", "kv_heads", "head_dim")) for a in (k, v))
         chunk = t.attention_chunk_size if self.spec.chunked else None
         if cache is not None:
-            out, cache = cached_attention(q, k, v, positions, cache, chunk)
+            out, cache = cached_attention(q, k, v, positions, cache, chunk, self.fresh_cache)
             cache = {n: constrain(a, kv_cache.AXES[n]) for n, a in cache.items()}
         elif chunk is not None:
             out = chunked_causal_attention(q, k, v, chunk)

@@ -22,6 +22,7 @@ class DecoderLayer(nn.Module):
     cfg: Config
     spec: LayerSpec
     moe_impl: str = "grouped"
+    fresh_cache: bool = False  # the KV cache is known to be empty (a prompt's first piece)
 
     @nn.compact
     def __call__(self, x, positions, cache=None):  # x [B, T, D]
@@ -29,7 +30,8 @@ class DecoderLayer(nn.Module):
         x = constrain(x, ACTIVATION)
         with jax.named_scope("attention"):
             h = RMSNorm(self.cfg, t.rms_norm_eps, name="attn_norm")(x)
-            h, cache = Attention(self.cfg, self.spec, name="attn")(h, positions, cache)
+            attn = Attention(self.cfg, self.spec, self.fresh_cache, name="attn")
+            h, cache = attn(h, positions, cache)
             x = x + h
         with jax.named_scope("moe" if self.spec.moe else "mlp"):
             h = RMSNorm(self.cfg, t.rms_norm_eps, name="ffn_norm")(x)
@@ -44,6 +46,7 @@ class Block(nn.Module):
     """One period of the layer pattern (4 layers for Scout and Maverick); the unit of the scan."""
     cfg: Config
     moe_impl: str = "grouped"
+    fresh_cache: bool = False
 
     @nn.compact
     def __call__(self, x, positions, cache):
@@ -51,8 +54,8 @@ class Block(nn.Module):
         for j, spec in enumerate(self.cfg.text.block_specs):
             name = f"layer_{j}"
             layer_cache = None if cache is None else cache[name]
-            x, new_cache[name] = DecoderLayer(self.cfg, spec, self.moe_impl, name=name)(
-                x, positions, layer_cache)
+            layer = DecoderLayer(self.cfg, spec, self.moe_impl, self.fresh_cache, name=name)
+            x, new_cache[name] = layer(x, positions, layer_cache)
         return x, (None if cache is None else new_cache)
 
 
@@ -79,6 +82,7 @@ class LMHead(nn.Module):
 class Decoder(nn.Module):
     cfg: Config
     moe_impl: str = "grouped"
+    fresh_cache: bool = False  # with a cache: it is empty, so attention skips it
 
     @nn.compact
     def __call__(self, input_ids, positions=None, embed_fn=None, cache=None):
@@ -100,7 +104,8 @@ class Decoder(nn.Module):
             block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
             in_axes=(nn.broadcast, 0), length=t.num_blocks,
             metadata_params={nn.PARTITION_NAME: "layers"})
-        x, cache = scanned(self.cfg, self.moe_impl, name="blocks")(x, positions, cache)
+        blocks = scanned(self.cfg, self.moe_impl, self.fresh_cache, name="blocks")
+        x, cache = blocks(x, positions, cache)
         x = RMSNorm(self.cfg, t.rms_norm_eps, name="final_norm")(x)
         logits = LMHead(self.cfg, name="lm_head")(x).astype(jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab")), cache

@@ -22,17 +22,20 @@ from .layers import place_on_mesh, sharding_plan
 BUCKET = 32
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache",))
-def extend(cfg: Config, params, ids, positions, cache, plan=None, image=None):
+@functools.partial(jax.jit, static_argnames=("cfg", "plan", "fresh"),
+                   donate_argnames=("cache",))
+def extend(cfg: Config, params, ids, positions, cache, plan=None, image=None, fresh=False):
     """Run tokens ids [B, T] at positions [B, T] through the model, appending to the cache.
     Returns (logits [B, T, V], cache). `plan`: a sharding.Plan, or None on one device.
-    `image` = (mask [B, T], features [B, T, D]): embeddings replaced where mask is set."""
+    `image` = (mask [B, T], features [B, T, D]): embeddings replaced where mask is set.
+    `fresh`: the cache is still empty (attention then skips its slots)."""
     embed_fn = None
     if image is not None:
         embed_fn = lambda x: jnp.where(image[0][..., None], image[1].astype(x.dtype), x)  # noqa: E731
     with sharding_plan(plan):
-        return Decoder(cfg).apply({"params": multimodal.decoder_params(params)}, ids, positions,
-                                  embed_fn=embed_fn, cache=cache)
+        decoder = Decoder(cfg, fresh_cache=fresh)
+        return decoder.apply({"params": multimodal.decoder_params(params)}, ids, positions,
+                             embed_fn=embed_fn, cache=cache)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -151,7 +154,7 @@ def prefill(cfg: Config, params, input_ids: Sequence[Sequence[int]] | np.ndarray
             put(image[1][:, s:s + piece], ("batch", "seq", "act_embed")))
         logits, cache = extend(cfg, params, put(ids[:, s:s + piece], ("batch", "seq")),
                                put(positions[:, s:s + piece], ("batch", "seq")), cache, plan,
-                               piece_image)
+                               piece_image, fresh=s == 0)
     key = jax.random.key(seed) if isinstance(seed, int) else seed
     state = (logits[:, -1], put(jnp.asarray(positions[:, -1] + 1), ("batch",)), cache,
              put(jnp.zeros((len(rows),), bool), ("batch",)), key)
