@@ -6,6 +6,7 @@ Two paths over the same parameters, held equal by a test:
   experts only.
 - `dense`: the reference; every expert runs on every (pre-scaled, mostly zero) token, as HF does.
 Experts have no biases, so an unselected expert (score 0, input 0) contributes exactly 0.
+Local letter: M, the token copies (T * k) sorted by expert.
 """
 from __future__ import annotations
 
