@@ -24,6 +24,11 @@ SPECIAL = {
 }
 
 
+def chat_role(role: str) -> str:
+    """The role name written in a header: Llama 4 calls the tool role `ipython`."""
+    return "ipython" if role == "tool" else role
+
+
 class Tokenizer:
     def __init__(self, tk: HFTokenizer):
         self.tk = tk
@@ -62,7 +67,7 @@ class Tokenizer:
         """The chat as text, special tokens included (BOS first)."""
         out = [SPECIAL["bos"]]
         for m in messages:
-            role = "ipython" if m["role"] == "tool" else m["role"]
+            role = chat_role(m["role"])
             out.append(f"{SPECIAL['header_start']}{role}{SPECIAL['header_end']}\n\n"
                        f"{m['content']}{SPECIAL['eot']}")
         if add_generation_prompt:

@@ -118,9 +118,10 @@ def test_stream_packing_scores_every_token_once():
 
 def test_chat_loss_is_on_assistant_turns_only():
     tok = byte_tokenizer()
-    doc = chat_document(tok, [{"role": "system", "content": "Be brief."},
-                              {"role": "user", "content": "Hi?"},
-                              {"role": "assistant", "content": "Hello."}])
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+            {"role": "assistant", "content": "Hello."}]
+    doc = chat_document(tok, msgs)
+    assert doc.ids.tolist() == tok.encode_chat(msgs, add_generation_prompt=False)
     scored = doc.ids[doc.weights > 0]
     assert tok.decode(scored, skip_special=False) == "Hello.<|eot|>"
     text = tok.decode(doc.ids, skip_special=False)

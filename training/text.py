@@ -17,6 +17,8 @@ from typing import Iterable
 
 import numpy as np
 
+from model.tokenizer import chat_role
+
 
 class DataError(ValueError):
     """Training data we cannot use (missing, empty, malformed); the message names the file."""
@@ -80,9 +82,11 @@ def chat_document(tok, messages: list[dict], where: str = "record") -> Document:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
                 or not isinstance(m.get("content"), str):
             raise DataError(f"{where}: each message needs string 'role' and 'content', got {m!r}")
-        role = "ipython" if m["role"] == "tool" else m["role"]
-        # "\n\n" and the content are one segment between special tokens, encoded together as in
-        # `Tokenizer.encode_chat` (BPE may merge across them); the "\n\n" tokens are not targets.
+        role = chat_role(m["role"])
+        # The layout of `Tokenizer.render_chat`, built segment by segment to know which tokens
+        # are targets (a test holds the two equal). "\n\n" and the content are one segment
+        # between special tokens, encoded together (BPE may merge across them); the "\n\n"
+        # tokens are not targets.
         head = [sp["header_start"], *tok.encode(role, bos=False), sp["header_end"]]
         body = [*tok.encode("\n\n" + m["content"], bos=False), sp["eot"]]
         nl = tok.encode("\n\n", bos=False)
