@@ -27,15 +27,18 @@ def decoder_params(params):
     return {k: params[k] for k in DECODER_KEYS}
 
 
-def splice(x, input_ids, features, image_token_id: int):
-    """x [B, T, D] with the k-th image-token position (row-major) replaced by features[k].
+def placed_features(input_ids, features, image_token_id: int):
+    """(mask [B, T], values [B, T, D]): the k-th image-token position (row-major over the batch,
+    as HF's masked_scatter) gets features[k]; features [n, D], n the number of image tokens."""
+    mask = input_ids == image_token_id
+    k = jnp.clip(jnp.cumsum(mask.reshape(-1)) - 1, 0, features.shape[0] - 1).reshape(mask.shape)
+    return mask, jnp.where(mask[..., None], features[k], 0)
 
-    features [n, D]; n must equal the number of image tokens, which `forward` checks."""
-    B, T, D = x.shape
-    mask = (input_ids == image_token_id).reshape(B * T)
-    k = jnp.clip(jnp.cumsum(mask) - 1, 0, features.shape[0] - 1)
-    out = jnp.where(mask[:, None], features[k].astype(x.dtype), x.reshape(B * T, D))
-    return out.reshape(B, T, D)
+
+def splice(x, input_ids, features, image_token_id: int):
+    """x [B, T, D] with the image-token positions replaced by features (`placed_features`)."""
+    mask, values = placed_features(input_ids, features, image_token_id)
+    return jnp.where(mask[..., None], values.astype(x.dtype), x)
 
 
 def image_features(cfg: Config, params, pixel_values):

@@ -40,12 +40,10 @@ def extend(cfg: Config, params, ids, positions, cache, plan=None, image=None, fr
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _image_embeddings(cfg: Config, params, ids, pixel_values):
-    """(mask [B, T], features [B, T, D]) for the <|patch|> positions of ids, filled in row-major
-    order from the tiles' features (as `multimodal.splice` does)."""
+    """(mask [B, T], features [B, T, D]) for the <|patch|> positions of the whole prompt, so
+    that each prefill piece can take its slice."""
     feats = multimodal.image_features(cfg, params, pixel_values)
-    mask = ids == cfg.image_token_id
-    k = jnp.clip(jnp.cumsum(mask.reshape(-1)) - 1, 0, feats.shape[0] - 1).reshape(ids.shape)
-    return mask, jnp.where(mask[..., None], feats[k], 0)
+    return multimodal.placed_features(ids, feats, cfg.image_token_id)
 
 
 def sample(logits, key, temperature, top_k: int | None, top_p: float | None):
