@@ -107,23 +107,32 @@ def cached_attention(q, k_new, v_new, q_pos, layer_cache, chunk: int | None,
     looked at. Returns the output and the updated layer cache."""
     B, T, N, H = q.shape
     K = k_new.shape[2]
-    k_pos = jnp.where(q_pos >= 0, q_pos, -1)
-    k, v = k_new, v_new
-    if not fresh:
-        k = jnp.concatenate([layer_cache["k"].astype(q.dtype), k_new], axis=1)  # [B, S + T, K, H]
-        v = jnp.concatenate([layer_cache["v"].astype(q.dtype), v_new], axis=1)
-        k_pos = jnp.concatenate([layer_cache["pos"], k_pos], axis=1)
-    qp, kp = q_pos[:, :, None], k_pos[:, None, :]                          # [B, T, 1], [B, 1, S+T]
+    S = layer_cache["pos"].shape[-1]
+    cache = kv_cache.update(layer_cache, k_new, v_new, q_pos)
+    if fresh:
+        k, v = k_new.swapaxes(1, 2), v_new.swapaxes(1, 2)                  # [B, K, T, H]
+        k_pos = jnp.where(q_pos >= 0, q_pos, -1)
+    elif T == 1 or chunk is None or S < chunk:
+        # No key written now displaces one that a query of this call still needs (only a ring
+        # buffer that wraps within a multi-token piece would), so read the updated buffers as
+        # they lie.
+        k, v, k_pos = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), cache["pos"]
+    else:
+        k = jnp.concatenate([layer_cache["k"].astype(q.dtype), k_new.swapaxes(1, 2)], axis=2)
+        v = jnp.concatenate([layer_cache["v"].astype(q.dtype), v_new.swapaxes(1, 2)], axis=2)
+        k_pos = jnp.concatenate([layer_cache["pos"], jnp.where(q_pos >= 0, q_pos, -1)], axis=1)
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]                          # [B, T, 1], [B, 1, S]
     allowed = (kp >= 0) & (kp <= qp)
     if chunk is not None:
         allowed &= kp // chunk == qp // chunk
-    s = _scores(q.reshape(B, T, K, N // K, H), k)
+    s = jnp.einsum("BTKGH,BKSH->BKGTS", q.reshape(B, T, K, N // K, H), k,
+                   preferred_element_type=jnp.float32) * (H ** -0.5)
     # A finite floor keeps padding queries (nothing allowed) finite; real rows are unaffected
     # because exp(-1e30 - max) underflows to exactly 0.
     s = jnp.where(allowed[:, None, None], s, -1e30)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", p, v).reshape(B, T, N, H)
-    return out, kv_cache.update(layer_cache, k_new, v_new, q_pos)
+    out = jnp.einsum("BKGTS,BKSH->BTKGH", p, v).reshape(B, T, N, H)
+    return out, cache
 
 
 def temperature_scale(positions, floor_scale: float, attn_scale: float):

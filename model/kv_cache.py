@@ -5,9 +5,11 @@ buffer of `attention_chunk_size` positions; global (NoPE) layers keep the whole 
 buffer slot remembers the absolute position it holds (-1: empty), and masks are computed from
 those positions, so left-padded rows of a batch behave exactly like unpadded prompts.
 
-    cache = {"layer_{j}": {"k": [nb, B, S, K, H], "v": [nb, B, S, K, H], "pos": [nb, B, S]}}
+    cache = {"layer_{j}": {"k": [nb, B, K, S, H], "v": [nb, B, K, S, H], "pos": [nb, B, S]}}
 
-with S = C for chunked layers and S = max_len for global ones; nb = cfg.text.num_blocks.
+with S = C for chunked layers and S = max_len for global ones; nb = cfg.text.num_blocks. The
+slots sit next to head_dim so that both attention products read the buffers as they lie (batch
+dims B, K leading), with no transpose of the whole cache at every decode step.
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ import jax.numpy as jnp
 from .config import Config, LayerSpec
 
 # Logical axes of one layer's buffers; the stacked cache has a leading "layers" axis.
-AXES = {"k": ("batch", "cache_seq", "kv_heads", "head_dim"),
-        "v": ("batch", "cache_seq", "kv_heads", "head_dim"), "pos": ("batch", "cache_seq")}
+AXES = {"k": ("batch", "kv_heads", "cache_seq", "head_dim"),
+        "v": ("batch", "kv_heads", "cache_seq", "head_dim"), "pos": ("batch", "cache_seq")}
 
 
 def buffer_len(cfg: Config, spec: LayerSpec, max_len: int) -> int:
@@ -32,7 +34,7 @@ def init_cache(cfg: Config, batch: int, max_len: int, dtype=None):
     cache = {}
     for j, spec in enumerate(t.block_specs):
         S = buffer_len(cfg, spec, max_len)
-        shape = (t.num_blocks, batch, S, t.num_kv_heads, t.head_dim)
+        shape = (t.num_blocks, batch, t.num_kv_heads, S, t.head_dim)
         cache[f"layer_{j}"] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
                                "pos": jnp.full((t.num_blocks, batch, S), -1, jnp.int32)}
     return cache
@@ -55,8 +57,9 @@ def update(layer_cache, k, v, positions):
     keep = (positions >= 0) & (positions > last - S)
     slot = jnp.where(keep, positions % S, S)  # S is out of range: dropped
     b = jnp.arange(k.shape[0])[:, None]
+    # Indices b and slot around a slice: the indexed view is [B, T, K, H], the layout of k and v.
     return {
-        "k": layer_cache["k"].at[b, slot].set(k.astype(layer_cache["k"].dtype), mode="drop"),
-        "v": layer_cache["v"].at[b, slot].set(v.astype(layer_cache["v"].dtype), mode="drop"),
+        "k": layer_cache["k"].at[b, :, slot].set(k.astype(layer_cache["k"].dtype), mode="drop"),
+        "v": layer_cache["v"].at[b, :, slot].set(v.astype(layer_cache["v"].dtype), mode="drop"),
         "pos": layer_cache["pos"].at[b, slot].set(positions, mode="drop"),
     }
