@@ -2,11 +2,12 @@
 
 Two paths over the same parameters, held equal by a test:
 - `grouped`: dropless; token copies are sorted by expert and run through `jax.lax.ragged_dot`
-  (a tiled scan on CPU, where ragged_dot has no fast kernel), so each token pays for its k
-  experts only.
+  (on CPU, where ragged_dot has no fast kernel: rounds of matmuls batched over the experts, or
+  a gather of the selected experts when decoding), so each token pays for its k experts only.
 - `dense`: the reference; every expert runs on every (pre-scaled, mostly zero) token, as HF does.
 Experts have no biases, so an unselected expert (score 0, input 0) contributes exactly 0.
-Local letter: M, the token copies (T * k) sorted by expert.
+Local letters: M, the token copies (T * k) sorted by expert; R, the rows an expert takes in
+one round of `swiglu_rounds`.
 """
 from __future__ import annotations
 
@@ -26,62 +27,67 @@ def swiglu_ragged(xs, wi_gate, wi_up, wo, group_sizes):
     return jax.lax.ragged_dot(h, wo, group_sizes)
 
 
-def swiglu_tiled(xs, wi_gate, wi_up, wo, group_sizes, tile: int | None = None):
+def swiglu_rounds(xs, wi_gate, wi_up, wo, group_sizes, rows: int | None = None):
     """The same as `swiglu_ragged`, for backends without a grouped-GEMM kernel (CPU lowers
-    ragged_dot to masked dense work, ~6x slower here): each expert's rows are padded to whole
-    tiles and a scan runs one expert's SwiGLU per tile, skipping the unused tiles, so a decode
-    step reads only the selected experts' weights. Dropless; the waste is at most one partial
-    tile per expert."""
+    ragged_dot to masked dense work, ~6x slower here). In round r every expert takes the next
+    `rows` rows R of its group, and one matmul batched over the experts runs them all. The
+    weights are read where they lie: XLA:CPU would copy an expert's weights picked by a dynamic
+    index before every matmul, and those copies cost more than the matmuls. Dropless: rounds go
+    on until the largest group is done, and a round with no rows left is skipped. The waste is
+    the padding of each group to whole rounds; with all tokens on one expert it is the dense
+    cost, the cost of the reference path."""
     M, D = xs.shape
     E = group_sizes.shape[0]
-    if tile is None:  # about M/E rows an expert: 8..128, a power of two
-        tile = int(min(128, max(8, 2 ** round(math.log2(max(M // E, 1))))))
-    # Every used tile holds at least one row, so there are at most M of them.
-    n_tiles = min(-(-M // tile) + E, M)
-    padded = (group_sizes + tile - 1) // tile * tile
-    padded_end = jnp.cumsum(padded)
+    if rows is None:  # twice the balanced share, so that one round usually takes every group
+        rows = int(min(M, max(8, 2 ** math.ceil(math.log2(max(2 * M // E, 1))))))
     start = jnp.cumsum(group_sizes) - group_sizes
-    expert = jnp.repeat(jnp.arange(E), group_sizes, total_repeat_length=M)   # [M]
-    slot = padded_end[expert] - padded[expert] + jnp.arange(M) - start[expert]
-    tile_start = jnp.arange(n_tiles) * tile
-    tile_expert = jnp.minimum(jnp.searchsorted(padded_end, tile_start, side="right"), E - 1)
-    x_tiles = jnp.zeros((n_tiles * tile, D), xs.dtype).at[slot].set(xs).reshape(n_tiles, tile, D)
+    needed = (group_sizes.max() + rows - 1) // rows
+    xs_pad = jnp.concatenate([xs, jnp.zeros((1, D), xs.dtype)])  # row M: zeros for empty places
 
-    def one_tile(_, args):
-        x, e, used = args  # x [tile, D]
-        def run(x):
-            h = jax.nn.silu(x @ wi_gate[e]) * (x @ wi_up[e])
-            return h @ wo[e]
-        return None, jax.lax.cond(used, run, jnp.zeros_like, x)
+    def one_round(y, r):
+        rank = r * rows + jnp.arange(rows)                            # [R] place within a group
+        src = jnp.where(rank < group_sizes[:, None], start[:, None] + rank, M)  # [E, R]
 
-    used = tile_start < padded_end[-1]
-    _, y = jax.lax.scan(one_tile, None, (x_tiles, tile_expert, used))
-    return y.reshape(n_tiles * tile, D)[slot]
+        def run(y):
+            x = xs_pad[src]                                           # [E, R, D]
+            h = jax.nn.silu(jnp.einsum("ERD,EDF->ERF", x, wi_gate))
+            h = h * jnp.einsum("ERD,EDF->ERF", x, wi_up)
+            return y.at[src].set(jnp.einsum("ERF,EFD->ERD", h, wo), mode="drop")
+        return jax.lax.cond(r < needed, run, lambda y: y, y), None
+
+    y, _ = jax.lax.scan(one_round, jnp.zeros_like(xs), jnp.arange(-(-M // rows)))
+    return y
 
 
-def swiglu_gathered(xs, wi_gate, wi_up, wo, group_sizes):
-    """The same for a handful of rows (decoding): each row gathers its expert's weights, so a
-    step reads only the selected experts; as one fused gather it also avoids the copy of a
-    layer's whole expert stack that the tiled scan makes inside the layer scan on CPU."""
-    M = xs.shape[0]
-    expert = jnp.repeat(jnp.arange(group_sizes.shape[0]), group_sizes, total_repeat_length=M)
+def swiglu_gathered(xs, wi_gate, wi_up, wo, expert):
+    """SwiGLU of a handful of rows xs [M, D] (decoding), row m through expert[m]: each row
+    gathers its expert's weights, so a step reads only the selected experts, in one fused gather
+    (a weight picked by a dynamic index is copied before a matmul on CPU anyway)."""
     h = jax.nn.silu(jnp.einsum("MD,MDF->MF", xs, wi_gate[expert]))
     h = h * jnp.einsum("MD,MDF->MF", xs, wi_up[expert])
     return jnp.einsum("MF,MFD->MD", h, wo[expert])
 
 
 def swiglu_grouped(xs, wi_gate, wi_up, wo, group_sizes):
+    """SwiGLU of rows xs [M, D] sorted by expert; group_sizes [E] rows per expert -> [M, D]."""
+    M, E = xs.shape[0], group_sizes.shape[0]
     if jax.default_backend() != "cpu":
         return swiglu_ragged(xs, wi_gate, wi_up, wo, group_sizes)
-    if xs.shape[0] <= group_sizes.shape[0]:  # no more rows than experts: gathering reads less
-        return swiglu_gathered(xs, wi_gate, wi_up, wo, group_sizes)
-    return swiglu_tiled(xs, wi_gate, wi_up, wo, group_sizes)
+    if M <= E:  # no more rows than experts: gathering reads less
+        expert = jnp.repeat(jnp.arange(E), group_sizes, total_repeat_length=M)
+        return swiglu_gathered(xs, wi_gate, wi_up, wo, expert)
+    return swiglu_rounds(xs, wi_gate, wi_up, wo, group_sizes)
 
 
 def experts_grouped(x, top_ids, scores, wi_gate, wi_up, wo):
     """x [T, D], top_ids/scores [T, k], weights [E, D, F] / [E, F, D] -> [T, D]."""
     T, k = top_ids.shape
     E = wi_gate.shape[0]
+    if jax.default_backend() == "cpu" and T * k <= E:
+        # Decoding: no sort, no groups; each token copy goes straight to its expert.
+        xs = (x[:, None, :] * scores[..., None]).reshape(T * k, -1)
+        ys = swiglu_gathered(xs, wi_gate, wi_up, wo, top_ids.reshape(-1))
+        return ys.reshape(T, k, -1).sum(axis=1)
     flat = top_ids.reshape(-1)                        # [T k]
     order = jnp.argsort(flat, stable=True)
     token = order // k                                # which token each sorted copy came from

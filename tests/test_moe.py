@@ -13,11 +13,19 @@ def _weights(E=6, D=16, F=24, seed=0):
     return w(E, D, F), w(E, D, F), w(E, F, D)
 
 
+def _gathered(xs, wg, wu, wo, gs):
+    expert = jnp.repeat(jnp.arange(gs.shape[0]), gs, total_repeat_length=xs.shape[0])
+    return moe.swiglu_gathered(xs, wg, wu, wo, expert)
+
+
 @pytest.mark.parametrize("k", [1, 2])
-@pytest.mark.parametrize("grouped", [moe.swiglu_tiled, moe.swiglu_ragged, moe.swiglu_gathered])
-def test_grouped_equals_dense(k, grouped, monkeypatch):
-    monkeypatch.setattr(moe, "swiglu_grouped", grouped)
-    E, T = 6, 50
+@pytest.mark.parametrize("T, grouped", [(50, moe.swiglu_rounds), (50, moe.swiglu_ragged),
+                                        (50, _gathered),
+                                        (3, None)])  # T * k <= E: the decoding path on CPU
+def test_grouped_equals_dense(k, T, grouped, monkeypatch):
+    if grouped is not None:
+        monkeypatch.setattr(moe, "swiglu_grouped", grouped)
+    E = 6
     wg, wu, wo = _weights(E)
     r = np.random.default_rng(1)
     x = jnp.asarray(r.normal(size=(T, 16)), jnp.float32)
@@ -41,7 +49,8 @@ def test_cpu_kernels_handle_empty_and_overfull_experts():
     xs = jnp.asarray(np.random.default_rng(2).normal(size=(M, D)), jnp.float32)
     for sizes in ([0, 37, 0, 0, 0], [1, 0, 0, 0, 36], [7, 8, 9, 6, 7]):
         gs = jnp.asarray(sizes, jnp.int32)
-        for kernel in (lambda *a: moe.swiglu_tiled(*a, tile=4), moe.swiglu_gathered):
+        # rows=4: several rounds, the skewed groups needing up to ten of them
+        for kernel in (lambda *a: moe.swiglu_rounds(*a, rows=4), moe.swiglu_rounds, _gathered):
             np.testing.assert_allclose(kernel(xs, wg, wu, wo, gs),
                                        moe.swiglu_ragged(xs, wg, wu, wo, gs), rtol=1e-5, atol=1e-5)
 
