@@ -11,6 +11,7 @@ one round of `swiglu_rounds`.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -33,30 +34,78 @@ def swiglu_rounds(xs, wi_gate, wi_up, wo, group_sizes, rows: int | None = None):
     `rows` rows R of its group, and one matmul batched over the experts runs them all. The
     weights are read where they lie: XLA:CPU would copy an expert's weights picked by a dynamic
     index before every matmul, and those copies cost more than the matmuls. Dropless: rounds go
-    on until the largest group is done, and a round with no rows left is skipped. The waste is
-    the padding of each group to whole rounds; with all tokens on one expert it is the dense
-    cost, the cost of the reference path."""
-    M, D = xs.shape
-    E = group_sizes.shape[0]
+    on until the largest group is done. The waste is the padding of each group to whole rounds;
+    with all tokens on one expert it is the dense cost, the cost of the reference path.
+    The loop length depends on the routing, so the gradient is written out (`_rounds_bwd`)."""
+    M, E = xs.shape[0], group_sizes.shape[0]
     if rows is None:  # twice the balanced share, so that one round usually takes every group
         rows = int(min(M, max(8, 2 ** math.ceil(math.log2(max(2 * M // E, 1))))))
+    return _rounds(xs, wi_gate, wi_up, wo, group_sizes, rows)
+
+
+def _round_sources(group_sizes, rows: int, r, M: int):
+    """Row of xs that each expert takes in round r: [E, R], M where its group has run out."""
     start = jnp.cumsum(group_sizes) - group_sizes
-    needed = (group_sizes.max() + rows - 1) // rows
-    xs_pad = jnp.concatenate([xs, jnp.zeros((1, D), xs.dtype)])  # row M: zeros for empty places
+    rank = r * rows + jnp.arange(rows)                                # place within a group
+    return jnp.where(rank < group_sizes[:, None], start[:, None] + rank, M)
 
-    def one_round(y, r):
-        rank = r * rows + jnp.arange(rows)                            # [R] place within a group
-        src = jnp.where(rank < group_sizes[:, None], start[:, None] + rank, M)  # [E, R]
 
-        def run(y):
-            x = xs_pad[src]                                           # [E, R, D]
-            h = jax.nn.silu(jnp.einsum("ERD,EDF->ERF", x, wi_gate))
-            h = h * jnp.einsum("ERD,EDF->ERF", x, wi_up)
-            return y.at[src].set(jnp.einsum("ERF,EFD->ERD", h, wo), mode="drop")
-        return jax.lax.cond(r < needed, run, lambda y: y, y), None
+def _with_zero_row(a):  # [M, D] -> [M + 1, D]: row M feeds the places past a group's end
+    return jnp.concatenate([a, jnp.zeros((1, a.shape[1]), a.dtype)])
 
-    y, _ = jax.lax.scan(one_round, jnp.zeros_like(xs), jnp.arange(-(-M // rows)))
-    return y
+
+def _num_rounds(group_sizes, rows: int):
+    return (group_sizes.max() + rows - 1) // rows
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _rounds(xs, wi_gate, wi_up, wo, group_sizes, rows):
+    M = xs.shape[0]
+    xs_pad = _with_zero_row(xs)
+
+    def one_round(r, y):
+        src = _round_sources(group_sizes, rows, r, M)
+        x = xs_pad[src]                                               # [E, R, D]
+        h = jax.nn.silu(jnp.einsum("ERD,EDF->ERF", x, wi_gate))
+        h = h * jnp.einsum("ERD,EDF->ERF", x, wi_up)
+        return y.at[src].set(jnp.einsum("ERF,EFD->ERD", h, wo), mode="drop")
+
+    return jax.lax.fori_loop(0, _num_rounds(group_sizes, rows), one_round, jnp.zeros_like(xs))
+
+
+def _rounds_fwd(xs, wi_gate, wi_up, wo, group_sizes, rows):
+    return _rounds(xs, wi_gate, wi_up, wo, group_sizes, rows), (xs, wi_gate, wi_up, wo, group_sizes)
+
+
+def _rounds_bwd(rows, residuals, dy):
+    """The same rounds backwards: activations recomputed per round, weight gradients summed
+    in place over the rounds (only the rounds that ran)."""
+    xs, wi_gate, wi_up, wo, group_sizes = residuals
+    M = xs.shape[0]
+    xs_pad, dy_pad = _with_zero_row(xs), _with_zero_row(dy)
+
+    def one_round(r, grads):
+        dxs, dw_gate, dw_up, dwo = grads
+        src = _round_sources(group_sizes, rows, r, M)
+        x, g = xs_pad[src], dy_pad[src]                              # [E, R, D]; zero past a group
+        a = jnp.einsum("ERD,EDF->ERF", x, wi_gate)
+        b = jnp.einsum("ERD,EDF->ERF", x, wi_up)
+        sig = jax.nn.sigmoid(a)
+        dh = jnp.einsum("ERD,EFD->ERF", g, wo)
+        da = dh * b * sig * (1 + a * (1 - sig))                       # silu'(a) = sig (1 + a (1 - sig))
+        db = dh * a * sig
+        dwo = dwo + jnp.einsum("ERF,ERD->EFD", a * sig * b, g)
+        dw_gate = dw_gate + jnp.einsum("ERD,ERF->EDF", x, da)
+        dw_up = dw_up + jnp.einsum("ERD,ERF->EDF", x, db)
+        dx = jnp.einsum("ERF,EDF->ERD", da, wi_gate) + jnp.einsum("ERF,EDF->ERD", db, wi_up)
+        return dxs.at[src].set(dx, mode="drop"), dw_gate, dw_up, dwo
+
+    zeros = tuple(jnp.zeros_like(a) for a in (xs, wi_gate, wi_up, wo))
+    grads = jax.lax.fori_loop(0, _num_rounds(group_sizes, rows), one_round, zeros)
+    return (*grads, None)
+
+
+_rounds.defvjp(_rounds_fwd, _rounds_bwd)
 
 
 def swiglu_gathered(xs, wi_gate, wi_up, wo, expert):

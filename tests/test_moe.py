@@ -36,9 +36,9 @@ def test_grouped_equals_dense(k, T, grouped, monkeypatch):
     out = moe.experts_grouped(x, top_ids, scores, wg, wu, wo)
     np.testing.assert_allclose(out, dense, rtol=1e-5, atol=1e-5)
     # Gradients agree too (training runs the grouped path).
-    loss = lambda f: lambda x, wg: jnp.sum(jnp.sin(f(x, top_ids, scores, wg, wu, wo)))
-    g_dense = jax.grad(loss(moe.experts_dense), argnums=(0, 1))(x, wg)
-    g_out = jax.grad(loss(moe.experts_grouped), argnums=(0, 1))(x, wg)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(a[0], top_ids, scores, *a[1:])))
+    g_dense = jax.grad(loss(moe.experts_dense), argnums=(0, 1, 2, 3))(x, wg, wu, wo)
+    g_out = jax.grad(loss(moe.experts_grouped), argnums=(0, 1, 2, 3))(x, wg, wu, wo)
     for a, b in zip(g_out, g_dense):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
@@ -53,6 +53,11 @@ def test_cpu_kernels_handle_empty_and_overfull_experts():
         for kernel in (lambda *a: moe.swiglu_rounds(*a, rows=4), moe.swiglu_rounds, _gathered):
             np.testing.assert_allclose(kernel(xs, wg, wu, wo, gs),
                                        moe.swiglu_ragged(xs, wg, wu, wo, gs), rtol=1e-5, atol=1e-5)
+        # The hand-written gradient of the rounds, over several rounds and skewed groups.
+        grad = lambda f: jax.grad(lambda *w: jnp.sum(jnp.sin(f(*w, gs))), argnums=(0, 1, 2, 3))
+        for a, b in zip(grad(lambda *a: moe.swiglu_rounds(*a, rows=4))(xs, wg, wu, wo),
+                        grad(moe.swiglu_ragged)(xs, wg, wu, wo)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_score_scales_the_expert_input_not_its_output():
