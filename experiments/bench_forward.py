@@ -46,9 +46,7 @@ def main():
         with torch.no_grad():
             return hf(ids_t).logits
 
-    t_hf = timed(theirs, args.repeats)
-    t_grouped = timed(ours("grouped"), args.repeats)
-    t_dense = timed(ours("dense"), args.repeats)
+    t_hf, t_grouped, t_dense = timed(theirs, ours("grouped"), ours("dense"), repeats=args.repeats)
     tokens = args.batch * args.seq
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
           f"torch threads {torch.get_num_threads()}; batch {args.batch} x seq {args.seq}")

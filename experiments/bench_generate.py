@@ -1,6 +1,6 @@
 """Generation speed: our prefill + jitted decode loop against HF `generate`, on CPU, one run.
 
-    python -m experiments.bench_generate [--batch 4] [--prompt 128] [--new 64] [--repeats 3]
+    python -m experiments.bench_generate [--batch 4] [--prompt 128] [--new 64] [--repeats 5]
 
 The mid-size random model of bench_forward (D=256, 8 layers, 16 experts, fp32) on both sides,
 greedy, no stop token. Prefill speed = prompt tokens / time to the first new token's logits;
@@ -26,7 +26,7 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
     hf = hf_text_model(bench_config(eos_token_id=None, pad_token_id=0), seed=0)
@@ -52,8 +52,8 @@ def main():
         assert out[0].shape == (args.batch, args.new)
         return out
 
-    hf_pre, hf_all = timed(hf_generate(1), args.repeats), timed(hf_generate(args.new), args.repeats)
-    our_pre, our_all = timed(ours_prefill, args.repeats), timed(ours_generate, args.repeats)
+    hf_pre, hf_all, our_pre, our_all = timed(hf_generate(1), hf_generate(args.new), ours_prefill,
+                                             ours_generate, repeats=args.repeats)
     prompt_tokens, new_tokens = args.batch * args.prompt, args.batch * (args.new - 1)
     rows = {"HF generate": (hf_pre, hf_all - hf_pre), "ours": (our_pre, our_all - our_pre)}
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, torch "

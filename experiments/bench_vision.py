@@ -58,7 +58,7 @@ def main():
         with torch.no_grad():
             return hf.vision_model(pixels_t).last_hidden_state
 
-    t_ours, t_hf = timed(ours, args.repeats), timed(theirs, args.repeats)
+    t_ours, t_hf = timed(ours, theirs, repeats=args.repeats)
     diff = float(np.abs(np.asarray(ours()) - theirs().numpy()).max())
     v = cfg.vision
     print(f"vision tower: {args.tiles} tiles x {(v.image_size // v.patch_size) ** 2 + 1} tokens, "
