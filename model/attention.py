@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from .config import LayerSpec, TextConfig
-from . import kv_cache
 from .layers import constrain, param, rms_normalize
 from .rope import inv_frequencies, rotate
 
@@ -104,24 +103,18 @@ def cached_attention(q, k_new, v_new, q_pos, layer_cache, chunk: int | None,
     """Attention of new queries [B, T, N, H] at positions q_pos [B, T] over the cached keys plus
     the new ones; masks come from absolute positions (cache slots hold -1 when empty).
     `fresh`: the cache is known to be empty (a prompt's first piece), so only the new keys are
-    looked at. Returns the output and the updated layer cache."""
+    looked at. The cache is only read here (see `kv_cache.write`)."""
     B, T, N, H = q.shape
     K = k_new.shape[2]
-    S = layer_cache["pos"].shape[-1]
-    cache = kv_cache.update(layer_cache, k_new, v_new, q_pos)
-    if fresh:
-        k, v = k_new.swapaxes(1, 2), v_new.swapaxes(1, 2)                  # [B, K, T, H]
-        k_pos = jnp.where(q_pos >= 0, q_pos, -1)
-    elif T == 1 or chunk is None or S < chunk:
-        # No key written now displaces one that a query of this call still needs (only a ring
-        # buffer that wraps within a multi-token piece would), so read the updated buffers as
-        # they lie.
-        k, v, k_pos = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), cache["pos"]
-    else:
-        k = jnp.concatenate([layer_cache["k"].astype(q.dtype), k_new.swapaxes(1, 2)], axis=2)
-        v = jnp.concatenate([layer_cache["v"].astype(q.dtype), v_new.swapaxes(1, 2)], axis=2)
-        k_pos = jnp.concatenate([layer_cache["pos"], jnp.where(q_pos >= 0, q_pos, -1)], axis=1)
-    qp, kp = q_pos[:, :, None], k_pos[:, None, :]                          # [B, T, 1], [B, 1, S]
+    k, v = k_new.swapaxes(1, 2), v_new.swapaxes(1, 2)                      # [B, K, T, H]
+    k_pos = jnp.where(q_pos >= 0, q_pos, -1)
+    if not fresh:
+        # A new key may land in a ring-buffer slot whose old key a query here still needs, so
+        # the new keys are attended beside the buffers, not written into them first.
+        k = jnp.concatenate([layer_cache["k"].astype(q.dtype), k], axis=2)  # [B, K, S + T, H]
+        v = jnp.concatenate([layer_cache["v"].astype(q.dtype), v], axis=2)
+        k_pos = jnp.concatenate([layer_cache["pos"], k_pos], axis=1)
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]                          # [B, T, 1], [B, 1, S+T]
     allowed = (kp >= 0) & (kp <= qp)
     if chunk is not None:
         allowed &= kp // chunk == qp // chunk
@@ -131,8 +124,7 @@ def cached_attention(q, k_new, v_new, q_pos, layer_cache, chunk: int | None,
     # because exp(-1e30 - max) underflows to exactly 0.
     s = jnp.where(allowed[:, None, None], s, -1e30)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BKSH->BTKGH", p, v).reshape(B, T, N, H)
-    return out, cache
+    return jnp.einsum("BKGTS,BKSH->BTKGH", p, v).reshape(B, T, N, H)
 
 
 def temperature_scale(positions, floor_scale: float, attn_scale: float):
@@ -150,7 +142,8 @@ class Attention(nn.Module):
     def __call__(self, x, positions, cache=None):
         """x [B, T, D], positions [B, T] (absolute, from 0; < 0 marks left padding).
         Without a cache the sequence must start at position 0 with no padding (training,
-        scoring); with one, keys/values are appended and (out, new_cache) is returned."""
+        scoring), and (out, None) is returned; with one, the cached keys are attended too and
+        (out, {"k": k, "v": v}) returns the new keys and values [B, T, K, H] for the cache."""
         t: TextConfig = self.cfg.text
         D, N, K, H = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim
         dt = x.dtype
@@ -172,11 +165,12 @@ class Attention(nn.Module):
         q = constrain(q, ("batch", "seq", "heads", "head_dim"))
         k, v = (constrain(a, ("batch", "seq", "kv_heads", "head_dim")) for a in (k, v))
         chunk = t.attention_chunk_size if self.spec.chunked else None
+        new = None
         if cache is not None:
-            out, cache = cached_attention(q, k, v, positions, cache, chunk, self.fresh_cache)
-            cache = {n: constrain(a, kv_cache.AXES[n]) for n, a in cache.items()}
+            out = cached_attention(q, k, v, positions, cache, chunk, self.fresh_cache)
+            new = {"k": k, "v": v}
         elif chunk is not None:
             out = chunked_causal_attention(q, k, v, chunk)
         else:
             out = causal_attention(q, k, v)
-        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt)), cache
+        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt)), new

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from . import kv_cache
 from .attention import Attention
 from .config import Config, LayerSpec
 from .layers import MLP, RMSNorm, constrain, param
@@ -31,7 +32,7 @@ class DecoderLayer(nn.Module):
         with jax.named_scope("attention"):
             h = RMSNorm(self.cfg, t.rms_norm_eps, name="attn_norm")(x)
             attn = Attention(self.cfg, self.spec, self.fresh_cache, name="attn")
-            h, cache = attn(h, positions, cache)
+            h, new_kv = attn(h, positions, cache)
             x = x + h
         with jax.named_scope("moe" if self.spec.moe else "mlp"):
             h = RMSNorm(self.cfg, t.rms_norm_eps, name="ffn_norm")(x)
@@ -39,7 +40,7 @@ class DecoderLayer(nn.Module):
                 ffn = MoE(self.cfg, self.moe_impl, name="moe")
             else:
                 ffn = MLP(self.cfg, t.intermediate_size_mlp, name="mlp")
-            return x + ffn(h), cache
+            return x + ffn(h), new_kv
 
 
 class Block(nn.Module):
@@ -50,13 +51,14 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, cache):
-        new_cache = {}
+        """-> (x, the new keys/values of each layer, for kv_cache.write; None without a cache)."""
+        new_kv = {}
         for j, spec in enumerate(self.cfg.text.block_specs):
             name = f"layer_{j}"
             layer_cache = None if cache is None else cache[name]
             layer = DecoderLayer(self.cfg, spec, self.moe_impl, self.fresh_cache, name=name)
-            x, new_cache[name] = layer(x, positions, layer_cache)
-        return x, (None if cache is None else new_cache)
+            x, new_kv[name] = layer(x, positions, layer_cache)
+        return x, (None if cache is None else new_kv)
 
 
 class Embed(nn.Module):
@@ -105,7 +107,10 @@ class Decoder(nn.Module):
             in_axes=(nn.broadcast, 0), length=t.num_blocks,
             metadata_params={nn.PARTITION_NAME: "layers"})
         blocks = scanned(self.cfg, self.moe_impl, self.fresh_cache, name="blocks")
-        x, cache = blocks(x, positions, cache)
+        x, new_kv = blocks(x, positions, cache)  # the layers read the cache; written once here
+        if cache is not None:
+            cache = {name: {n: constrain(a, ("layers",) + kv_cache.AXES[n]) for n, a in layer.items()}
+                     for name, layer in kv_cache.write(cache, new_kv, positions).items()}
         x = RMSNorm(self.cfg, t.rms_norm_eps, name="final_norm")(x)
         logits = LMHead(self.cfg, name="lm_head")(x).astype(jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab")), cache

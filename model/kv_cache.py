@@ -47,19 +47,29 @@ def cache_bytes(cfg: Config, batch: int, context: int, bytes_per_value: int = 2)
     return batch * per_slot * sum(buffer_len(cfg, s, context) for s in t.layer_specs)
 
 
-def update(layer_cache, k, v, positions):
-    """Write new keys/values [B, T, K, H] at their positions [B, T] (< 0: padding, not written).
+def write(cache, new, positions):
+    """Write every layer's new keys/values at their positions [B, T] (< 0: padding, not
+    written): new = {"layer_{j}": {"k": [nb, B, T, K, H], "v": [nb, B, T, K, H]}}, as the layer
+    scan yields them. The layers only read the cache and the writing happens here, once, in
+    place: had each layer returned its updated buffers, the scan would copy the whole cache at
+    every decode step.
 
     Slot = position mod S. When T > S only the last S positions of each row are kept (earlier
     ones would be overwritten anyway, and writing them would make the scatter ambiguous)."""
-    S = layer_cache["pos"].shape[-1]
-    last = positions.max(axis=1, keepdims=True)
-    keep = (positions >= 0) & (positions > last - S)
-    slot = jnp.where(keep, positions % S, S)  # S is out of range: dropped
-    b = jnp.arange(k.shape[0])[:, None]
-    # Indices b and slot around a slice: the indexed view is [B, T, K, H], the layout of k and v.
-    return {
-        "k": layer_cache["k"].at[b, :, slot].set(k.astype(layer_cache["k"].dtype), mode="drop"),
-        "v": layer_cache["v"].at[b, :, slot].set(v.astype(layer_cache["v"].dtype), mode="drop"),
-        "pos": layer_cache["pos"].at[b, slot].set(positions, mode="drop"),
-    }
+    out = {}
+    for name, layer in cache.items():
+        S = layer["pos"].shape[-1]
+        last = positions.max(axis=1, keepdims=True)
+        keep = (positions >= 0) & (positions > last - S)
+        slot = jnp.where(keep, positions % S, S)  # S is out of range: dropped
+        b = jnp.arange(positions.shape[0])[:, None]
+        # Indices b and slot around a slice: the indexed view is [B, T, nb, K, H].
+        kv = {n: jnp.moveaxis(new[name][n], 0, 2).astype(layer[n].dtype) for n in ("k", "v")}
+        nb = layer["pos"].shape[0]
+        out[name] = {
+            "k": layer["k"].at[:, b, :, slot].set(kv["k"], mode="drop"),
+            "v": layer["v"].at[:, b, :, slot].set(kv["v"], mode="drop"),
+            "pos": layer["pos"].at[:, b, slot].set(
+                jnp.broadcast_to(positions, (nb, *positions.shape)), mode="drop"),
+        }
+    return out
