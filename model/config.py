@@ -292,7 +292,8 @@ def _text_from_hf(d: dict, where: str) -> TextConfig:
             max_position_embeddings=d.get("max_position_embeddings", 131072),
             router_aux_loss_coef=float(d.get("router_aux_loss_coef", dflt.router_aux_loss_coef)),
             bos_token_id=d.get("bos_token_id", 1),
-            eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else (eos,),
+            eos_token_ids=(() if eos is None  # `eos_token_id: null`: no stop token
+                           else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)),
             pad_token_id=d.get("pad_token_id"))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
@@ -356,7 +357,8 @@ def _text_to_hf(t: TextConfig) -> dict[str, Any]:
         "floor_scale": _int_if_whole(t.floor_scale), "attn_scale": t.attn_scale,
         "rms_norm_eps": t.rms_norm_eps, "max_position_embeddings": t.max_position_embeddings,
         "router_aux_loss_coef": t.router_aux_loss_coef, "bos_token_id": t.bos_token_id,
-        "eos_token_id": list(t.eos_token_ids) if len(t.eos_token_ids) != 1 else t.eos_token_ids[0],
+        "eos_token_id": (None if not t.eos_token_ids else t.eos_token_ids[0]
+                         if len(t.eos_token_ids) == 1 else list(t.eos_token_ids)),
         "pad_token_id": t.pad_token_id, "hidden_act": "silu", "attention_bias": False,
         "tie_word_embeddings": False,
     }

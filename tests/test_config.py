@@ -64,10 +64,18 @@ def test_legacy_scout_config_loads_as_the_preset():
     assert cfg.vision == C.SCOUT.vision
 
 
-@pytest.mark.parametrize("cfg", [C.SCOUT, C.MAVERICK, C.tiny(), C.tiny(attention_chunk_size=None)])
+@pytest.mark.parametrize("cfg", [C.SCOUT, C.MAVERICK, C.tiny(), C.tiny(attention_chunk_size=None),
+                                 C.tiny().replace_text(eos_token_ids=())])  # eos_token_id: null
 def test_hf_round_trip(cfg):
     d = json.loads(json.dumps(C.to_hf(cfg)))
     assert C.from_hf(d) == cfg
+
+
+def test_eos_token_id_null_means_no_stop_token():
+    d = C.to_hf(C.tiny())
+    d["eos_token_id"] = None
+    assert C.from_hf(d).text.eos_token_ids == ()
+    assert C.to_hf(C.from_hf(d))["eos_token_id"] is None
 
 
 def test_transformers_reads_what_we_write():

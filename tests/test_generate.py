@@ -117,3 +117,12 @@ def test_bad_input(pair, prompt, kw, message):
     cfg = cfg.replace_text(max_position_embeddings=4096)
     with pytest.raises(ValueError, match=message):
         model.generate(cfg, params, prompt, **{"max_new_tokens": 4, **kw})
+
+
+def test_config_without_stop_tokens():  # an HF config may say `eos_token_id: null`
+    cfg = model.tiny().replace_text(eos_token_ids=())
+    params = model.init_params(cfg, jax.random.key(0))
+    out = model.generate(cfg, params, [[5, 6, 7]], max_new_tokens=5)
+    np.testing.assert_array_equal(
+        out, model.generate(cfg, params, [[5, 6, 7]], max_new_tokens=5, stop_tokens=[]))
+    assert out.shape == (1, 8)
