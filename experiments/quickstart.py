@@ -126,7 +126,7 @@ def main(argv=None):
                         min_lr_ratio=0.1, weight_decay=0.1, clip=1.0)
     run = RunConfig(out=args.out, batch=BATCH, seq=SEQ, seed=0, save_every=100, keep=2)
     t0 = time.time()
-    _, history = training.train(cfg, lambda: training.init_params(cfg, jax.random.key(0)), rows,
+    _, history = training.train(cfg, lambda: model.init_params(cfg, jax.random.key(0)), rows,
                                 run, optim, {"kind": kind, "tokenizer": "bytes"}, tokenizer=tok)
     t_train = time.time() - t0
 

@@ -114,7 +114,7 @@ def run(args):
             eos_token_ids=tuple(tok.stop_ids), pad_token_id=tok.special.get("pad"),
             **parse_overrides(args.set))
         key = jax.random.key(args.seed)
-        make_params = lambda: training.init_params(cfg, key)
+        make_params = lambda: model.init_params(cfg, key)
     cfg = cfg.replace(dtype=args.dtype, remat=args.remat, param_dtype="float32")
     if args.aux_coef is not None:
         cfg = cfg.replace_text(router_aux_loss_coef=args.aux_coef)

@@ -26,6 +26,8 @@ under "blocks", stacked over `cfg.text.num_blocks` repeats of the `cfg.text.peri
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +35,7 @@ import flax.linen as nn
 
 from .config import Config, ConfigError, LayerSpec, TextConfig, VisionConfig, preset, tiny
 from .decoder import Decoder
-from .layers import place_on_mesh, sharding_plan
+from .layers import INIT_STD, NORMAL, noting_initializers, place_on_mesh, sharding_plan
 from .sampling import generate
 from . import multimodal
 from .multimodal import DECODER_KEYS, VISION_KEYS
@@ -46,20 +48,50 @@ def _dummy_tile(cfg: Config):
 
 
 def init_params(cfg: Config, key: jax.Array):
-    """Random parameters (normal, std 0.02; norms at 1) as a plain pytree; with a vision tower
-    (cfg.vision not None) it also holds "vision" and "projector"."""
-    ids = jnp.zeros((1, 1), jnp.int32)
-    # jit: tracing once beats running the initialising forward op by op
-    params = nn.unbox(jax.jit(Decoder(cfg).init)(key, ids)["params"])
-    if cfg.vision is not None:
-        vision = jax.jit(VisionTower(cfg).init)(jax.random.fold_in(key, 1), _dummy_tile(cfg))["params"]
-        params = {**params, **nn.unbox(vision)}
-    return params
+    """Random parameters as a plain pytree, each drawn from the initializer its module declares
+    (`layers.param`: normal with std 0.02 for weights, ones for norm scales, zeros for biases);
+    with a vision tower (cfg.vision not None) it also holds "vision" and "projector".
+
+    The modules are traced only abstractly, noting each parameter's initializer: initialising
+    through them under jit would compile their forward pass (seconds on a CPU), and a random
+    draw per leaf would compile dozens of generators. The normal leaves are cut from one draw."""
+    with noting_initializers() as noted:
+        shapes = param_shapes(cfg)
+    leaves, tree = jax.tree_util.tree_flatten_with_path(shapes)
+    spec = []
+    for path, s in leaves:
+        init = noted[tuple(k.key for k in path)]
+        if init not in _KINDS:
+            raise ValueError(f"parameter {'/'.join(k.key for k in path)}: no draw for its "
+                             f"initializer {init}")
+        spec.append((s.shape, s.dtype, _KINDS[init]))
+    return _draw(tree, tuple(spec), key)
+
+
+_KINDS = {NORMAL: "normal", nn.initializers.ones: "ones", nn.initializers.zeros: "zeros"}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _draw(tree, spec, key):
+    """spec: (shape, dtype, kind) per leaf. Every leaf owns a slice of one normal draw, used
+    only by the normal ones, so that adding a leaf of another kind leaves the others' values."""
+    offsets = [0, *itertools.accumulate(math.prod(shape) for shape, _, _ in spec)]
+    flat = INIT_STD * jax.random.normal(key, (offsets[-1],), jnp.float32)
+    values = [flat[a:b].reshape(shape).astype(dtype) if kind == "normal"
+              else jnp.full(shape, 1 if kind == "ones" else 0, dtype)
+              for (shape, dtype, kind), a, b in zip(spec, offsets, offsets[1:])]
+    return jax.tree_util.tree_unflatten(tree, values)
 
 
 def param_shapes(cfg: Config):
     """The parameter tree as `jax.ShapeDtypeStruct`s, without allocating anything."""
-    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    def init(key):
+        ids = jnp.zeros((1, 1), jnp.int32)
+        params = nn.unbox(Decoder(cfg).init(key, ids)["params"])
+        if cfg.vision is not None:
+            params = {**params, **nn.unbox(VisionTower(cfg).init(key, _dummy_tile(cfg))["params"])}
+        return params
+    return jax.eval_shape(init, jax.random.key(0))
 
 
 def param_axes(cfg: Config):

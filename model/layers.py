@@ -9,11 +9,33 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 
+INIT_STD = 0.02
+NORMAL = nn.initializers.normal(stddev=INIT_STD)  # every weight's initializer
+
+# While model.init_params traces the modules abstractly, each parameter's initializer is noted
+# here under its path, so that drawing the values needs no compiled forward pass.
+_INITIALIZERS = contextvars.ContextVar("param_initializers", default=None)
+
+
 def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
-          init=nn.initializers.normal(stddev=0.02)):
+          init=NORMAL):
     """Declare a parameter with its logical axis names (mapped to mesh axes only in sharding/)."""
+    noted = _INITIALIZERS.get()
+    if noted is not None:
+        noted[(*module.scope.path, name)] = init
     dtype = jnp.dtype(module.cfg.param_dtype)
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+@contextlib.contextmanager
+def noting_initializers():
+    """Within: every `param` declared notes its initializer in the yielded {path: init}."""
+    noted = {}
+    token = _INITIALIZERS.set(noted)
+    try:
+        yield noted
+    finally:
+        _INITIALIZERS.reset(token)
 
 
 # The sharding plan (built by sharding/) in force while a sharded function is traced; None: one

@@ -10,10 +10,10 @@ from .data import Batches, Rows, pack
 from .loop import RunConfig, read_metrics, train
 from .memory import MemoryLimitError
 from .objective import load_balancing, loss_fn, router_logits
-from .step import OptimConfig, init_params, init_state, make_optimizer, make_train_step
+from .step import OptimConfig, init_state, make_optimizer, make_train_step
 from .text import byte_tokenizer, DataError, load_tokenizer, read_documents
 
 __all__ = ["Batches", "byte_tokenizer", "Checkpointer", "DataError",
-           "MemoryLimitError", "OptimConfig", "ResumeError", "Rows", "RunConfig", "init_params", "init_state", "load_tokenizer",
+           "MemoryLimitError", "OptimConfig", "ResumeError", "Rows", "RunConfig", "init_state", "load_tokenizer",
            "load_balancing", "load_params", "loss_fn", "make_optimizer", "make_train_step", "pack",
            "read_documents", "read_metrics", "router_logits", "train"]

@@ -8,8 +8,6 @@ router jitter 0) would resume exactly too.
 from __future__ import annotations
 
 import functools
-import itertools
-import math
 from dataclasses import dataclass
 
 import jax
@@ -47,25 +45,6 @@ def make_optimizer(o: OptimConfig) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(o.clip),
         optax.adamw(schedule(o), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=_decay_mask))
-
-
-def init_params(cfg, key: jax.Array):
-    """Random parameters with model.init_params' distribution (normal, std 0.02; norm scales 1),
-    drawn as one vector and cut into leaves: jitting model.init_params compiles the forward pass
-    it traces, and one draw per leaf compiles dozens of RNGs (each about 10 s on 2 cores)."""
-    import model
-    leaves, tree = jax.tree_util.tree_flatten_with_path(model.param_shapes(cfg))
-    sizes = [math.prod(s.shape) for _, s in leaves]
-    offsets = [0, *itertools.accumulate(sizes)]
-
-    @jax.jit
-    def draw(key):
-        flat = 0.02 * jax.random.normal(key, (offsets[-1],), jnp.float32)
-        return jax.tree_util.tree_unflatten(tree, [
-            jnp.ones(s.shape, s.dtype) if getattr(path[-1], "key", None) == "scale"
-            else flat[a:b].reshape(s.shape).astype(s.dtype)
-            for (path, s), a, b in zip(leaves, offsets, offsets[1:])])
-    return draw(key)
 
 
 def init_state(params, opt: optax.GradientTransformation, seed: int):
