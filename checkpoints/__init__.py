@@ -42,8 +42,15 @@ def load(path, dtype=None, shardings=None) -> tuple[Config, dict]:
         cfg, _, stored, _ = open_orbax(path)
         dtype = np.dtype(dtype) if dtype is not None else stored
         shapes = param_shapes(cfg)
-        params = orbax_io.restore(path / orbax_io.PARAMS, shapes, dtype,
-                                  _placement(shardings, shapes, cfg))
+        try:
+            params = orbax_io.restore(path / orbax_io.PARAMS, shapes, dtype,
+                                      _placement(shardings, shapes, cfg))
+        except Exception as e:  # noqa: BLE001 (Orbax wraps TensorStore's error in a bare Exception)
+            cause = orbax_io.read_error(e)
+            if cause is None:
+                raise
+            raise CheckpointError(f"{path}: cannot read the parameters "
+                                  f"({orbax_io.reason(cause)})") from None
     else:
         ckpt = hf.HFCheckpoint(path)
         cfg, hf_keys = ckpt.cfg, K.hf_keys(ckpt.cfg, ckpt.layout)

@@ -44,6 +44,14 @@ def reason(e: Exception) -> str:
     return str(e).splitlines()[0].split(" [tensorstore_spec=")[0]
 
 
+def read_error(e: BaseException | None) -> ValueError | None:
+    """The ValueError that TensorStore raises for missing or damaged chunks, found in the chain
+    of exceptions that Orbax wraps around it; None when the failure is something else."""
+    while e is not None and not isinstance(e, ValueError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
 def write_meta(directory: Path, cfg: Config, layout: str, dtype: np.dtype):
     (directory / "config.json").write_text(json.dumps(to_hf(cfg), indent=2) + "\n")
     meta = {"format": FORMAT, "hf_layout": layout, "param_dtype": np.dtype(dtype).name}

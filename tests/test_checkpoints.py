@@ -290,6 +290,18 @@ def test_hf_dir_is_not_an_orbax_dir(hf_dirs, tmp_path, capsys):
     fails(capsys, [src, tmp_path / "out", "--to", "hf"], src, "not an Orbax checkpoint")
 
 
+def test_damaged_orbax_data(hf_dirs, tmp_path):
+    src = tmp_path / "orbax"
+    conversion.hf_to_orbax(hf_dirs["five_layers"][0], src, progress=False)
+    chunks = sorted((src / "params").rglob("d/*"), key=lambda f: f.stat().st_size)
+    chunks[-1].write_bytes(chunks[-1].read_bytes()[:100])  # the largest data file, truncated
+    with pytest.raises(checkpoints.CheckpointError, match=f"{src}: cannot read the parameters"):
+        checkpoints.load(src)
+    with pytest.raises(checkpoints.CheckpointError, match=f"{src}: cannot read "):
+        conversion.orbax_to_hf(src, tmp_path / "hf", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["orbax"]  # no output, no staging dir
+
+
 def test_failure_mid_write_leaves_nothing(hf_dirs, tmp_path, monkeypatch):
     src = hf_dirs["maverick_like"][0]
     calls = []
