@@ -32,6 +32,22 @@ def _dense_causal(q, k, v):
     return jnp.einsum("BKGTS,BSKH->BTKGH", p, v)
 
 
+def _online_softmax(state, s, values):
+    """Fold one block of keys into a running softmax: state = (max m [..., T], sum l [..., T],
+    weighted values acc [..., T, H]) over the blocks so far (m = -inf before the first);
+    s [..., T, S] the block's masked fp32 scores; values(p) = p @ V for the block -> [..., T, H]."""
+    m_old, l, acc = state
+    m = jnp.maximum(m_old, s.max(-1))
+    p = jnp.exp(s - m[..., None])
+    corr = jnp.exp(m_old - m)
+    return m, l * corr + p.sum(-1), acc * corr[..., None] + values(p)
+
+
+def _empty_softmax_state(B, K, G, T, H):
+    return (jnp.full((B, K, G, T), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
+            jnp.zeros((B, K, G, T, H), jnp.float32))
+
+
 def _blockwise_causal(q, k, v, block: int):
     """Online-softmax attention over key blocks: memory O(block^2) per query block, not O(T^2)."""
     B, T, K, G, H = q.shape
@@ -48,22 +64,13 @@ def _blockwise_causal(q, k, v, block: int):
         @jax.checkpoint  # keep only the running (m, l, acc) for the backward pass
         def step(carry, j):
             def update(carry):
-                m, l, acc = carry
-                s = _scores(qi, kb[j])
-                s = jnp.where((j < i) | causal, s, -jnp.inf)
-                m_new = jnp.maximum(m, s.max(-1))
-                p = jnp.exp(s - m_new[..., None])
-                corr = jnp.exp(m - m_new)
-                l = l * corr + p.sum(-1)
-                acc = acc * corr[..., None] + jnp.einsum(
+                s = jnp.where((j < i) | causal, _scores(qi, kb[j]), -jnp.inf)
+                return _online_softmax(carry, s, lambda p: jnp.einsum(
                     "BKGTS,BSKH->BKGTH", p.astype(vb.dtype), vb[j],
-                    preferred_element_type=jnp.float32)
-                return m_new, l, acc
+                    preferred_element_type=jnp.float32))
             return jax.lax.cond(j <= i, update, lambda c: c, carry), None
 
-        init = (jnp.full((B, K, G, block), -jnp.inf, jnp.float32),
-                jnp.zeros((B, K, G, block), jnp.float32),
-                jnp.zeros((B, K, G, block, H), jnp.float32))
+        init = _empty_softmax_state(B, K, G, block, H)
         (_, l, acc), _ = jax.lax.scan(step, init, jnp.arange(n))
         return (acc / l[..., None]).astype(v.dtype)  # [B, K, G, block, H]
 
@@ -98,33 +105,73 @@ def chunked_causal_attention(q, k, v, chunk: int, **kw):
     return out.reshape(B, n * chunk, N, H)[:, :T]
 
 
+def _cached_scores(qg, q_pos, k, k_pos, chunk: int | None):
+    """Masked scores [B, K, G, T, S] (fp32) of queries qg [B, T, K, G, H] at q_pos [B, T] over
+    keys k [B, K, S, H] at k_pos [B, S] (-1: empty). A finite floor keeps padding queries
+    (nothing allowed) finite; real rows are unaffected, as exp(-1e30 - max) is exactly 0."""
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]                          # [B, T, 1], [B, 1, S]
+    allowed = (kp >= 0) & (kp <= qp)
+    if chunk is not None:
+        allowed &= kp // chunk == qp // chunk
+    s = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+    return jnp.where(allowed[:, None, None], s * qg.shape[-1] ** -0.5, -1e30)
+
+
 def cached_attention(q, k_new, v_new, q_pos, layer_cache, chunk: int | None,
-                     fresh: bool = False):
+                     fresh: bool = False, *, dense_max_len: int = DENSE_MAX_LEN,
+                     block: int = BLOCK):
     """Attention of new queries [B, T, N, H] at positions q_pos [B, T] over the cached keys plus
     the new ones; masks come from absolute positions (cache slots hold -1 when empty).
     `fresh`: the cache is known to be empty (a prompt's first piece), so only the new keys are
-    looked at. The cache is only read here (see `kv_cache.write`)."""
+    looked at. The cache is only read here (see `kv_cache.write`).
+
+    A cache of more than `dense_max_len` slots is read in blocks of `block` slots with an online
+    softmax, the new keys last: neither a score tensor over the whole context nor a copy of the
+    cache is made, whatever the context length."""
     B, T, N, H = q.shape
     K = k_new.shape[2]
+    qg = q.reshape(B, T, K, N // K, H)
     k, v = k_new.swapaxes(1, 2), v_new.swapaxes(1, 2)                      # [B, K, T, H]
     k_pos = jnp.where(q_pos >= 0, q_pos, -1)
+    S = layer_cache["pos"].shape[-1]
+    if not fresh and S > dense_max_len:
+        state = _cache_blocks(qg, q_pos, layer_cache, chunk, min(block, S))
+        _, l, acc = _online_softmax(state, _cached_scores(qg, q_pos, k, k_pos, chunk),
+                                    lambda p: _weighted_values(p, v))
+        out = (acc / l[..., None]).astype(q.dtype)                          # [B, K, G, T, H]
+        return jnp.einsum("BKGTH->BTKGH", out).reshape(B, T, N, H)
     if not fresh:
         # A new key may land in a ring-buffer slot whose old key a query here still needs, so
         # the new keys are attended beside the buffers, not written into them first.
         k = jnp.concatenate([layer_cache["k"].astype(q.dtype), k], axis=2)  # [B, K, S + T, H]
         v = jnp.concatenate([layer_cache["v"].astype(q.dtype), v], axis=2)
         k_pos = jnp.concatenate([layer_cache["pos"], k_pos], axis=1)
-    qp, kp = q_pos[:, :, None], k_pos[:, None, :]                          # [B, T, 1], [B, 1, S+T]
-    allowed = (kp >= 0) & (kp <= qp)
-    if chunk is not None:
-        allowed &= kp // chunk == qp // chunk
-    s = jnp.einsum("BTKGH,BKSH->BKGTS", q.reshape(B, T, K, N // K, H), k,
-                   preferred_element_type=jnp.float32) * (H ** -0.5)
-    # A finite floor keeps padding queries (nothing allowed) finite; real rows are unaffected
-    # because exp(-1e30 - max) underflows to exactly 0.
-    s = jnp.where(allowed[:, None, None], s, -1e30)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    p = jax.nn.softmax(_cached_scores(qg, q_pos, k, k_pos, chunk), axis=-1).astype(v.dtype)
     return jnp.einsum("BKGTS,BKSH->BTKGH", p, v).reshape(B, T, N, H)
+
+
+def _weighted_values(p, v):  # p [B, K, G, T, S], v [B, K, S, H] -> [B, K, G, T, H] in fp32
+    return jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
+def _cache_blocks(qg, q_pos, layer_cache, chunk: int | None, block: int):
+    """The online-softmax state after every cache slot, visited `block` slots at a time."""
+    B, T, K, G, H = qg.shape
+    S = layer_cache["pos"].shape[-1]
+
+    def step(state, j):
+        # The last block is moved back to end at slot S; the slots it shares with the block
+        # before are masked as empty, so that no key counts twice.
+        start = jnp.minimum(j * block, S - block)
+        k, v = (jax.lax.dynamic_slice_in_dim(layer_cache[n], start, block, axis=2).astype(qg.dtype)
+                for n in ("k", "v"))
+        pos = jax.lax.dynamic_slice_in_dim(layer_cache["pos"], start, block, axis=1)
+        pos = jnp.where(start + jnp.arange(block) >= j * block, pos, -1)
+        s = _cached_scores(qg, q_pos, k, pos, chunk)
+        return _online_softmax(state, s, lambda p: _weighted_values(p, v)), None
+
+    state, _ = jax.lax.scan(step, _empty_softmax_state(B, K, G, T, H), jnp.arange(-(-S // block)))
+    return state
 
 
 def temperature_scale(positions, floor_scale: float, attn_scale: float):

@@ -63,3 +63,28 @@ def test_scout_rope_scaling_keeps_35_frequencies():
     kept = np.isclose(scaled, plain, rtol=0)
     assert kept.sum() == 35 and np.allclose(scaled[~kept], plain[~kept] / 16)
     assert np.all(np.isfinite(scaled))
+
+
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_cached_attention_in_blocks_equals_dense(T, chunk):
+    """A long cache is read block by block (online softmax, new keys last); here with blocks of
+    4 over 21 slots (the last block overlaps), a wrapped ring in row 0, empty slots in row 1."""
+    B, N, K, H, S = 2, 4, 2, 8, 21
+    r = np.random.default_rng(T)
+    pos = np.full((B, S), -1)
+    for p in range(30):              # row 0: positions 0..29 written as a ring (9..29 remain)
+        pos[0, p % S] = p
+    pos[1, :11] = np.arange(11)      # row 1: positions 0..10, the rest empty
+    cache = {"k": jnp.asarray(r.normal(size=(B, K, S, H)), jnp.float32),
+             "v": jnp.asarray(r.normal(size=(B, K, S, H)), jnp.float32), "pos": jnp.asarray(pos)}
+    q, k_new, v_new = (jnp.asarray(r.normal(size=(B, T, n, H)), jnp.float32) for n in (N, K, K))
+    q_pos = jnp.asarray(np.stack([30 + np.arange(T), 11 + np.arange(T)]))
+    dense = A.cached_attention(q, k_new, v_new, q_pos, cache, chunk)
+    blocks = A.cached_attention(q, k_new, v_new, q_pos, cache, chunk, dense_max_len=4, block=4)
+    np.testing.assert_allclose(blocks, dense, rtol=1e-5, atol=1e-5)
+    # No score tensor over the whole cache (the dense path has one, over cache + new keys).
+    hlo = lambda **kw: jax.jit(lambda q: A.cached_attention(  # noqa: E731
+        q, k_new, v_new, q_pos, cache, chunk, **kw)).lower(q).as_text()
+    scores = f"x{T}x{S + T}xf32>"
+    assert scores in hlo() and scores not in hlo(dense_max_len=4, block=4)

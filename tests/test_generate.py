@@ -1,5 +1,7 @@
 """Inference: cached decode against the full forward, greedy generation against HF `generate`,
 ragged batches against one prompt at a time, and bad input."""
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ import torch
 
 import model
 from experiments.hf_reference import hf_text_model, params_from_hf
-from model import kv_cache, sampling
+from model import attention, kv_cache, sampling
 
 # Chunks of 8 and temperature tuning stepping every 4 positions: a 40-token run crosses both
 # several times. The HF side stops at eos_token_id 2 like ours.
@@ -25,8 +27,7 @@ def pair(request):
     return hf, cfg, params
 
 
-def test_cached_decode_equals_full_forward(pair):
-    _, cfg, params = pair
+def _cached_equals_full_forward(cfg, params):
     ids = np.random.default_rng(0).integers(3, 97, (2, 37))
     full = np.asarray(model.forward(cfg, params, ids))
     cache = kv_cache.init_cache(cfg, 2, 37)
@@ -38,6 +39,24 @@ def test_cached_decode_equals_full_forward(pair):
         s += n
     got = np.concatenate(got, axis=1)
     np.testing.assert_allclose(got, full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
+
+
+def test_cached_decode_equals_full_forward(pair):
+    _, cfg, params = pair
+    _cached_equals_full_forward(cfg, params)
+
+
+def test_cache_read_in_blocks_equals_full_forward(pair, monkeypatch):
+    """Caches longer than DENSE_MAX_LEN slots are read block by block; forced here with blocks
+    of 5 over 37 slots (8 in the ring buffers)."""
+    _, cfg, params = pair
+    monkeypatch.setattr(attention, "cached_attention", functools.partial(
+        attention.cached_attention, dense_max_len=4, block=5))
+    jax.clear_caches()  # extend was compiled with the dense reads
+    try:
+        _cached_equals_full_forward(cfg, params)
+    finally:
+        jax.clear_caches()
 
 
 def test_greedy_equals_hf_generate(pair):
