@@ -113,8 +113,11 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
 def arithmetic(cfg, mesh, batch: int, context: int, piece: int) -> dict:
     """The same figures from the config alone: params / model shards, KV cache / its shards, and
     the largest activation of prefill: one global layer's fp32 query x key scores and the bf16
-    or fp32 probabilities (the XLA attention path), over the devices that split the heads."""
+    or fp32 probabilities (the XLA attention path), over the devices that split the heads, for
+    the keys scored at once: the whole cache and the piece, or one block of a cache longer than
+    DENSE_MAX_LEN slots (model/attention.py)."""
     from model import kv_cache
+    from model.attention import BLOCK, DENSE_MAX_LEN
     from model.config import param_count
     t = cfg.text
     size = dict(mesh.shape)
@@ -130,7 +133,8 @@ def arithmetic(cfg, mesh, batch: int, context: int, piece: int) -> dict:
     params = (experts / (ep * tp * fsdp) + rest / (tp * fsdp)) * b
     kv_split = tp if t.num_kv_heads % tp == 0 else 1
     cache = kv_cache.cache_bytes(cfg, batch, context, a) / kv_split
-    scores = batch * (t.num_heads // tp) * piece * (context + piece) * (4 + a)
+    keys = context + piece if context <= DENSE_MAX_LEN else max(BLOCK, piece)
+    scores = batch * (t.num_heads // tp) * piece * keys * (4 + a)
     return {"params": params, "cache": cache, "scores": scores,
             "total": params + cache + scores}
 
@@ -199,9 +203,13 @@ simulated devices, about a minute); one row alone: `python -m experiments.plan -
   of the context; decode: the jitted loop). Fits: the larger total within 95% of the chip's
   memory (a runtime keeps some for itself).
 - arithmetic: from the config alone, params / their shards + KV cache / its shards + one global
-  layer's prefill attention scores (fp32) and probabilities. The compiled prefill holds about
-  three score-sized fp32 buffers at once (scores, masked scores, exponentials), which is most of
-  the gap at long context: 512 x 1M scores per head. A smaller `--prefill-chunk` shrinks it.
+  layer's prefill attention scores (fp32) and probabilities for the keys scored at once: a cache
+  longer than 2048 slots is read 512 slots at a time with an online softmax, so at long context
+  that is 512 x 512 scores per head, not 512 x the context. The compiled prefill's temporaries
+  also hold XLA:CPU's copies of one layer's expert weights: the CPU MoE kernel multiplies a
+  layer's whole expert stack, which XLA:CPU first slices out of the stacked layers (a GPU's
+  ragged_dot reads the weights in place). For Maverick on tensor=8 at 8K context that made the
+  temporaries 7.6 GB larger than the per-tile CPU kernel used before (17.2 GB against 9.6 GB).
 - bfloat16 is compiled as float16 (same bytes): XLA:CPU rewrites bf16 (and fp8) arithmetic in
   f32 and hoists f32 copies of whole stacked weights out of the layer loop, which measures
   XLA:CPU, not the model. Temporaries are XLA:CPU's; GPU and TPU compilers fuse differently.
