@@ -3,13 +3,16 @@
     python -m experiments.train --preset tiny --data FILE_OR_DIR ... --out runs/x [--steps N]
     python -m experiments.train --init CKPT --data chat.jsonl --out runs/ft     # fine-tune
     python -m experiments.train ... --resume          # continue runs/x from its latest checkpoint
+    python -m experiments.train ... --mesh data=2,fsdp=4          # sharded over 8 devices
 
 Data: plain-text files (a directory stands for its *.py files), packed into rows; or .jsonl chat
 records ({"messages": [{"role", "content"}, ...]}), scored on the assistant turns only.
 --init reads an HF directory or an Orbax directory (`checkpoints.load`) or a run directory of
 this script; its tokenizer.json is used when present (--tokenizer overrides), else bytes.
 Only the text decoder is trained (a vision tower, if the checkpoint has one, is left out).
-Metrics go to OUT/metrics.jsonl; checkpoints to OUT/<step>/.
+Metrics go to OUT/metrics.jsonl; checkpoints to OUT/<step>/. With --mesh the params and
+Adam's moments are split as the sharding rules say and the batch over the data axes; a run can
+resume on another mesh.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import sys
 import jax
 
 import model
+import sharding
 from model.config import ConfigError, preset
 from model.multimodal import DECODER_KEYS
 import training
@@ -95,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default=default_dtype(), help="compute dtype")
     ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--mesh", help='train sharded over devices, e.g. "data=2,fsdp=4" (sharding/)')
+    ap.add_argument("--rules", default="combined", choices=sorted(sharding.RULES),
+                    help="with --mesh: the sharding strategy")
     return ap
 
 
@@ -132,8 +139,8 @@ def run(args):
                         steps=args.steps, weight_decay=args.weight_decay, clip=args.clip)
     run_cfg = RunConfig(out=args.out, batch=args.batch, seq=args.seq, seed=args.seed,
                         save_every=args.save_every, keep=args.keep, resume=args.resume,
-                        stop_at=args.stop_at,
-                        async_save=not args.no_async, progress=not args.no_progress)
+                        stop_at=args.stop_at, async_save=not args.no_async,
+                        progress=not args.no_progress, mesh=args.mesh, rules=args.rules)
     info = {"kind": kind, "tokenizer": tok_path or "bytes"}
     return training.train(cfg, make_params, rows, run_cfg, optim, info, tokenizer=tok)
 
@@ -141,7 +148,7 @@ def run(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     errors = (DataError, ConfigError, training.ResumeError, training.MemoryLimitError,
-              FileNotFoundError)
+              FileNotFoundError, sharding.ShardingError)
     try:
         import checkpoints
         errors += (checkpoints.CheckpointError,)

@@ -98,7 +98,11 @@ def test_bad_input_is_one_clear_error_and_leaves_checkpoints_alone(tmp_path, tex
     assert "--resume" in msg, msg
     msg = _error([*args, "--resume", "--batch", "1000000"])
     assert "needs about" in msg and "GiB" in msg and "--batch" in msg, msg
+    msg = _error([*args, "--resume", "--mesh", "data=3"])  # 8 devices here
+    assert "data=3" in msg, msg
     assert _tree_digest(out) == before
+    assert "data=3" in _error([*args[:3], str(tmp_path / "new"), *args[4:], "--mesh", "data=3"])
+    assert not (tmp_path / "new").exists()
 
 
 def test_stream_packing_scores_every_token_once():
@@ -193,3 +197,33 @@ def test_fine_tune_an_hf_checkpoint_on_chat_records(tmp_path):
     # Only assistant answers are scored: "2i." and <|eot|> after "\n\n", a few tokens a record.
     assert 0 < m[0]["targets"] < 2 * 64 / 4
     assert (out / "3").is_dir() and (out / "tokenizer.json").is_file()
+
+
+def test_sharded_training_equals_one_device(tmp_path):
+    """The same run on one device and over 8 (data, expert and tensor axes, with Adam's moments
+    split like their parameters): the same losses and parameters; resuming keeps the split."""
+    import jax
+    import model
+    import training
+    from training.data import Rows
+    cfg = model.tiny(num_experts=8)
+    r = np.random.default_rng(0)
+    rows = Rows(tokens=r.integers(3, cfg.text.vocab_size, (16, 33)).astype(np.int32),
+                weights=np.ones((16, 33), np.float32), real=np.ones((16, 33), bool))
+
+    def run(mesh, out, **kw):
+        return training.train(cfg, lambda: model.init_params(cfg, jax.random.key(0)), rows,
+                              training.RunConfig(out=str(out), batch=4, seq=32, save_every=2,
+                                                 progress=False, async_save=False, mesh=mesh, **kw),
+                              training.OptimConfig(lr=1e-2, warmup=1, steps=4))
+
+    one, h_one = run(None, tmp_path / "one")
+    run("data=2,expert=2,tensor=2", tmp_path / "mesh", stop_at=2)
+    split, _ = run("data=2,expert=2,tensor=2", tmp_path / "mesh", resume=True)
+    h_split = read_metrics(str(tmp_path / "mesh"))
+    np.testing.assert_allclose([m["loss"] for m in h_split], [m["loss"] for m in h_one], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(split["params"]), jax.tree.leaves(one["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    wg = split["params"]["blocks"]["layer_0"]["moe"]["wi_gate"]             # [blocks, E, D, F]
+    mu = split["opt_state"][1][0].mu["blocks"]["layer_0"]["moe"]["wi_gate"]  # Adam's first moment
+    assert mu.sharding == wg.sharding and wg.addressable_shards[0].data.shape[1] == 8 // 2

@@ -34,7 +34,6 @@ _MAY_CHANGE = ("compute", "step", "rows_consumed")
 
 
 def _one_device():
-    # Training here is single-device; a sharded run would pass its own shardings.
     return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
@@ -65,8 +64,9 @@ class Checkpointer:
 
     def restore(self, abstract_state, step: int | None = None):
         step = self.latest_step() if step is None else step
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=_one_device()),
-                                abstract_state)
+        # Leaves go where the abstract state says (shards of a mesh), else to the first device.
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+            a.shape, a.dtype, sharding=getattr(a, "sharding", None) or _one_device()), abstract_state)
         out = self._mgr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]

@@ -19,6 +19,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 import model
@@ -41,6 +42,8 @@ class RunConfig:
     stop_at: int | None = None  # stop (and save) after this step; the schedule still runs to steps
     async_save: bool = True
     progress: bool = True
+    mesh: str | None = None    # e.g. "data=2,fsdp=4": train sharded over these devices (sharding/)
+    rules: str = "combined"    # the sharding strategy's rules (sharding.rules)
 
 
 def _metrics_path(run: RunConfig) -> str:
@@ -61,11 +64,31 @@ def _truncate_metrics(run: RunConfig, step: int):
         f.writelines(json.dumps(m) + "\n" for m in kept)
 
 
-def _abstract_batch(run: RunConfig):
+def _abstract_batch(run: RunConfig, plan=None):
     shape = (run.batch, run.seq + 1)
-    return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32),
-            "weights": jax.ShapeDtypeStruct(shape, jnp.float32),
-            "real": jax.ShapeDtypeStruct(shape, jnp.bool_)}
+    sh = None if plan is None else plan.sharding(("batch", "seq"), shape)
+    return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
+            "weights": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh),
+            "real": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=sh)}
+
+
+def state_shardings(abstract_state, param_shardings, mesh):
+    """Shardings for the train state: the params, and every optimizer leaf that mirrors a
+    parameter (Adam's moments), as the parameter is split; the rest (step, counts, PRNG)
+    replicated. A leaf mirrors the parameter whose path ends its own path of dict keys."""
+    by_path = {tuple(k.key for k in path): sh
+               for path, sh in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        keys = []
+        for k in reversed(path):
+            if not isinstance(k, jax.tree_util.DictKey):
+                break
+            keys.insert(0, k.key)
+        return next((by_path[tuple(keys[i:])] for i in range(len(keys))
+                     if tuple(keys[i:]) in by_path), replicated)
+    return jax.tree_util.tree_map_with_path(pick, abstract_state)
 
 
 def train(cfg, make_params: Callable[[], dict], rows: Rows, run: RunConfig, optim: OptimConfig,
@@ -74,23 +97,34 @@ def train(cfg, make_params: Callable[[], dict], rows: Rows, run: RunConfig, opti
     """Train to `optim.steps`, resuming from run.out's latest checkpoint when run.resume.
     `make_params()` is called only when starting fresh; `tokenizer` (a model.tokenizer.Tokenizer)
     is saved as OUT/tokenizer.json. Returns (state, metrics of this call)."""
-    memory.check_estimate(cfg, run.batch, run.seq)
+    plan = None
+    if run.mesh is not None:  # a bad mesh or rules fail here, before anything is written
+        import sharding
+        plan = sharding.make_plan(cfg, sharding.make_mesh(run.mesh), run.rules, batch=run.batch)
+    memory.check_estimate(cfg, run.batch, run.seq, 1 if plan is None else plan.mesh.size)
     os.makedirs(run.out, exist_ok=True)
     ckpt = Checkpointer(run.out, run.save_every, run.keep, run.async_save)
     try:
         return _train(cfg, make_params, rows, run, optim, data_info or {}, tokenizer, on_step,
-                      ckpt)
+                      ckpt, plan)
     finally:
         ckpt.close()
 
 
-def _train(cfg, make_params, rows, run, optim, data_info, tokenizer, on_step, ckpt):
+def _train(cfg, make_params, rows, run, optim, data_info, tokenizer, on_step, ckpt, plan):
     opt = make_optimizer(optim)
     meta = model_record(cfg) | {
         "data": {"fingerprint": rows.fingerprint(), "rows": len(rows), "seq_len": run.seq,
                  "batch_size": run.batch, "seed": run.seed, **data_info},
         "optim": dataclasses.asdict(optim)}
     abstract = jax.eval_shape(lambda p: init_state(p, opt, run.seed), model.param_shapes(cfg))
+    shardings = None
+    if plan is not None:
+        import sharding
+        shardings = state_shardings(
+            abstract, sharding.param_shardings(cfg, plan.mesh, run.rules), plan.mesh)
+        abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                abstract, shardings)
     latest = ckpt.latest_step()
     if latest is not None and not run.resume:
         raise ResumeError(f"{run.out} already holds checkpoints (latest step {latest}); pass "
@@ -104,12 +138,20 @@ def _train(cfg, make_params, rows, run, optim, data_info, tokenizer, on_step, ck
         if os.path.exists(_metrics_path(run)):
             os.remove(_metrics_path(run))
         state = init_state(make_params(), opt, run.seed)
+        if shardings is not None:
+            state = jax.device_put(state, shardings)
     if tokenizer is not None:
         tokenizer.tk.save(os.path.join(run.out, "tokenizer.json"))
     start = int(state["step"])
     end = optim.steps if run.stop_at is None else min(run.stop_at, optim.steps)
 
-    step_fn = make_train_step(cfg, optim).lower(abstract, _abstract_batch(run)).compile()
+    step_fn = make_train_step(cfg, optim, plan=plan, state_shardings=shardings).lower(
+        abstract, _abstract_batch(run, plan)).compile()
+
+    def put(batch):  # one device, or split over the mesh's batch axes
+        if plan is None:
+            return jax.device_put(batch)
+        return {k: plan.put(v, ("batch", "seq")) for k, v in batch.items()}
     memory.check_compiled(step_fn, run.batch, run.seq)
     batches = Batches(rows, run.batch, run.seed)
     history = []
@@ -119,7 +161,7 @@ def _train(cfg, make_params, rows, run, optim, data_info, tokenizer, on_step, ck
     with open(_metrics_path(run), "a") as log:
         for s in range(start, end):
             t0 = time.perf_counter()
-            state, m = step_fn(state, jax.device_put(batches.batch_at(s)))
+            state, m = step_fn(state, put(batches.batch_at(s)))
             m = jax.device_get(m)
             dt = time.perf_counter() - t0
             rec = {"step": s + 1, **{k: float(v) for k, v in m.items() if k != "load"},

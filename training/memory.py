@@ -8,7 +8,7 @@ residuals, q/k/v/attention output, the attention probabilities (scores and softm
 chunk for chunked layers and the whole row for global ones), the MoE's sorted token copies and
 SwiGLU hiddens (routed and shared), and the logits with their softmax and gradient. With remat,
 only each block's input is kept, plus one block's activations during its recomputation.
-XLA keeps more than this count (fusion temporaries, fp32 upcasts, the MoE's tile padding): on
+XLA keeps more than this count (fusion temporaries, fp32 upcasts, the MoE's padding to whole rounds): on
 CPU, for configs from `tiny` to 8 layers x 8 experts at D=256, its compiled figure was 1.0-2.3x
 the count, so activations are doubled (the estimate then lies within 0.6-1.2x of XLA's figure).
 The estimate only refuses runs that would exceed all the memory there is; the compiled step's own
@@ -74,10 +74,15 @@ def check(need: int, what: str, batch: int, seq: int, headroom: float = 0.9):
             "or --seq, or --remat full.")
 
 
-def check_estimate(cfg: Config, batch: int, seq: int) -> dict[str, int]:
+def check_estimate(cfg: Config, batch: int, seq: int, devices: int = 1) -> dict[str, int]:
+    """`devices`: the run is split over that many (a mesh); accelerators then hold a share each,
+    while CPU devices all live in the one host memory."""
     est = estimate_bytes(cfg, batch, seq)
     detail = ", ".join(f"{k} {_gib(v)}" for k, v in est.items() if k != "total")
-    check(est["total"], f"estimated from the config: {detail}", batch, seq, headroom=1.0)
+    need = est["total"] if jax.devices()[0].platform == "cpu" else est["total"] // devices
+    if need != est["total"]:
+        detail += f"; 1/{devices} of it per device"
+    check(need, f"estimated from the config: {detail}", batch, seq, headroom=1.0)
     return est
 
 

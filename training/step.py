@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from model.layers import sharding_plan
 
 from .objective import loss_fn
 
@@ -57,15 +60,23 @@ def init_state(params, opt: optax.GradientTransformation, seed: int):
     return init(params)
 
 
-def make_train_step(cfg, o: OptimConfig, moe_impl: str = "grouped"):
-    """(state, batch) -> (state, metrics); jitted, the state's buffers donated."""
+def make_train_step(cfg, o: OptimConfig, moe_impl: str = "grouped", plan=None,
+                    state_shardings=None):
+    """(state, batch) -> (state, metrics); jitted, the state's buffers donated. With a `plan`
+    (sharding.Plan) the model runs sharded as it says, and the new state keeps `state_shardings`
+    (see `training.loop.state_shardings`) so that it can be donated to the next step."""
     opt = make_optimizer(o)
     lr = schedule(o)
+    out_shardings = None
+    if plan is not None:
+        out_shardings = (state_shardings, NamedSharding(plan.mesh, PartitionSpec()))
 
-    @functools.partial(jax.jit, donate_argnums=0)
+    @functools.partial(jax.jit, donate_argnums=0, out_shardings=out_shardings)
     def train_step(state, batch):
-        (_, metrics), grads = jax.value_and_grad(
-            functools.partial(loss_fn, cfg, moe_impl=moe_impl), has_aux=True)(state["params"], batch)
+        with sharding_plan(plan):
+            (_, metrics), grads = jax.value_and_grad(
+                functools.partial(loss_fn, cfg, moe_impl=moe_impl), has_aux=True)(
+                    state["params"], batch)
         updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
         rng, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))
         metrics |= {"grad_norm": optax.global_norm(grads), "lr": lr(state["step"])}
