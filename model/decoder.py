@@ -109,7 +109,7 @@ class Decoder(nn.Module):
         blocks = scanned(self.cfg, self.moe_impl, self.fresh_cache, name="blocks")
         x, new_kv = blocks(x, positions, cache)  # the layers read the cache; written once here
         if cache is not None:
-            cache = {name: {n: constrain(a, ("layers",) + kv_cache.AXES[n]) for n, a in layer.items()}
+            cache = {name: {n: constrain(a, kv_cache.AXES[n]) for n, a in layer.items()}
                      for name, layer in kv_cache.write(cache, new_kv, positions).items()}
         x = RMSNorm(self.cfg, t.rms_norm_eps, name="final_norm")(x)
         logits = LMHead(self.cfg, name="lm_head")(x).astype(jnp.float32)

@@ -17,9 +17,10 @@ import jax.numpy as jnp
 
 from .config import Config, LayerSpec
 
-# Logical axes of one layer's buffers; the stacked cache has a leading "layers" axis.
-AXES = {"k": ("batch", "kv_heads", "cache_seq", "head_dim"),
-        "v": ("batch", "kv_heads", "cache_seq", "head_dim"), "pos": ("batch", "cache_seq")}
+# Logical axes of each slot's stacked buffers (what sharding/ splits them over).
+AXES = {"k": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
+        "v": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
+        "pos": ("layers", "batch", "cache_seq")}
 
 
 def buffer_len(cfg: Config, spec: LayerSpec, max_len: int) -> int:
@@ -56,13 +57,13 @@ def write(cache, new, positions):
 
     Slot = position mod S. When T > S only the last S positions of each row are kept (earlier
     ones would be overwritten anyway, and writing them would make the scatter ambiguous)."""
+    last = positions.max(axis=1, keepdims=True)
+    b = jnp.arange(positions.shape[0])[:, None]
     out = {}
     for name, layer in cache.items():
         S = layer["pos"].shape[-1]
-        last = positions.max(axis=1, keepdims=True)
         keep = (positions >= 0) & (positions > last - S)
         slot = jnp.where(keep, positions % S, S)  # S is out of range: dropped
-        b = jnp.arange(positions.shape[0])[:, None]
         # Indices b and slot around a slice: the indexed view is [B, T, nb, K, H].
         kv = {n: jnp.moveaxis(new[name][n], 0, 2).astype(layer[n].dtype) for n in ("k", "v")}
         nb = layer["pos"].shape[0]

@@ -181,7 +181,7 @@ class Plan:
 
     def cache_shardings(self, cache):
         """Shardings for a KV cache tree (model.kv_cache layout) of arrays or shape structs."""
-        return {name: {n: self.sharding(("layers",) + kv_cache.AXES[n], a.shape, f"cache {name}/{n}")
+        return {name: {n: self.sharding(kv_cache.AXES[n], a.shape, f"cache {name}/{n}")
                        for n, a in layer.items()} for name, layer in cache.items()}
 
     def init_cache(self, cfg: Config, batch: int, max_len: int, dtype=None):

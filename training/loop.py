@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 import model
+import sharding
 
 from . import memory
 from .checkpoint import Checkpointer, ResumeError, check_resumable, model_record
@@ -99,7 +100,6 @@ def train(cfg, make_params: Callable[[], dict], rows: Rows, run: RunConfig, opti
     is saved as OUT/tokenizer.json. Returns (state, metrics of this call)."""
     plan = None
     if run.mesh is not None:  # a bad mesh or rules fail here, before anything is written
-        import sharding
         plan = sharding.make_plan(cfg, sharding.make_mesh(run.mesh), run.rules, batch=run.batch)
     memory.check_estimate(cfg, run.batch, run.seq, 1 if plan is None else plan.mesh.size)
     os.makedirs(run.out, exist_ok=True)
@@ -120,7 +120,6 @@ def _train(cfg, make_params, rows, run, optim, data_info, tokenizer, on_step, ck
     abstract = jax.eval_shape(lambda p: init_state(p, opt, run.seed), model.param_shapes(cfg))
     shardings = None
     if plan is not None:
-        import sharding
         shardings = state_shardings(
             abstract, sharding.param_shardings(cfg, plan.mesh, run.rules), plan.mesh)
         abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),

@@ -8,11 +8,11 @@ residuals, q/k/v/attention output, the attention probabilities (scores and softm
 chunk for chunked layers and the whole row for global ones), the MoE's sorted token copies and
 SwiGLU hiddens (routed and shared), and the logits with their softmax and gradient. With remat,
 only each block's input is kept, plus one block's activations during its recomputation.
-XLA keeps more than this count (fusion temporaries, fp32 upcasts, the MoE's padding to whole rounds): on
-CPU, for configs from `tiny` to 8 layers x 8 experts at D=256, its compiled figure was 1.0-2.3x
-the count, so activations are doubled (the estimate then lies within 0.6-1.2x of XLA's figure).
-The estimate only refuses runs that would exceed all the memory there is; the compiled step's own
-figure is then checked against 90% of it.
+XLA keeps more than this count (fusion temporaries, fp32 upcasts, the MoE's padding to whole
+rounds): on CPU, for configs from `tiny` to 8 layers x 8 experts at D=256, its compiled figure
+was 1.0-2.3x the count, so activations are doubled (the estimate then lies within 0.6-1.2x of
+XLA's figure). The estimate only refuses runs that would exceed all the memory there is; the
+compiled step's own figure is then checked against 90% of it.
 """
 from __future__ import annotations
 
