@@ -6,12 +6,15 @@ queries; long sequences go through a blockwise (online-softmax) path, or cuDNN o
 """
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from . import kv_cache
 from .config import LayerSpec, TextConfig
-from .layers import constrain, param, rms_normalize
+from .layers import constrain, merge_heads, param, rms_normalize
 from .rope import inv_frequencies, rotate
 
 # Sequences up to this length use one dense masked softmax (fastest on CPU); longer ones go blockwise.
@@ -121,33 +124,44 @@ def cached_attention(q, k_new, v_new, q_pos, layer_cache, chunk: int | None,
                      fresh: bool = False, *, dense_max_len: int = DENSE_MAX_LEN,
                      block: int = BLOCK):
     """Attention of new queries [B, T, N, H] at positions q_pos [B, T] over the cached keys plus
-    the new ones; masks come from absolute positions (cache slots hold -1 when empty).
-    `fresh`: the cache is known to be empty (a prompt's first piece), so only the new keys are
-    looked at. The cache is only read here (see `kv_cache.write`).
+    the new ones k_new/v_new [B, T, K, H] (None: already written into the cache); masks come
+    from absolute positions (cache slots hold -1 when empty). `fresh`: the cache is known to be
+    empty (a prompt's first piece), so only the new keys are looked at.
 
+    The new keys are attended beside the buffers rather than written into them first whenever
+    one may land in a ring-buffer slot whose old key a query here still needs (a piece of a
+    prompt crossing a chunk boundary); the layers then only read the cache (see kv_cache.write).
     A cache of more than `dense_max_len` slots is read in blocks of `block` slots with an online
     softmax, the new keys last: neither a score tensor over the whole context nor a copy of the
     cache is made, whatever the context length."""
     B, T, N, H = q.shape
-    K = k_new.shape[2]
+    K = layer_cache["k"].shape[1]
     qg = q.reshape(B, T, K, N // K, H)
-    k, v = k_new.swapaxes(1, 2), v_new.swapaxes(1, 2)                      # [B, K, T, H]
-    k_pos = jnp.where(q_pos >= 0, q_pos, -1)
     S = layer_cache["pos"].shape[-1]
+    parts = [] if fresh else [tuple(layer_cache[n].astype(q.dtype) for n in ("k", "v"))
+                              + (layer_cache["pos"],)]        # (keys, values, positions) to attend
+    if k_new is not None:
+        parts.append((k_new.swapaxes(1, 2), v_new.swapaxes(1, 2), jnp.where(q_pos >= 0, q_pos, -1)))
     if not fresh and S > dense_max_len:
         state = _cache_blocks(qg, q_pos, layer_cache, chunk, min(block, S))
-        _, l, acc = _online_softmax(state, _cached_scores(qg, q_pos, k, k_pos, chunk),
-                                    lambda p: _weighted_values(p, v))
-        out = (acc / l[..., None]).astype(q.dtype)                          # [B, K, G, T, H]
-        return jnp.einsum("BKGTH->BTKGH", out).reshape(B, T, N, H)
-    if not fresh:
-        # A new key may land in a ring-buffer slot whose old key a query here still needs, so
-        # the new keys are attended beside the buffers, not written into them first.
-        k = jnp.concatenate([layer_cache["k"].astype(q.dtype), k], axis=2)  # [B, K, S + T, H]
-        v = jnp.concatenate([layer_cache["v"].astype(q.dtype), v], axis=2)
-        k_pos = jnp.concatenate([layer_cache["pos"], k_pos], axis=1)
-    p = jax.nn.softmax(_cached_scores(qg, q_pos, k, k_pos, chunk), axis=-1).astype(v.dtype)
-    return jnp.einsum("BKGTS,BKSH->BTKGH", p, v).reshape(B, T, N, H)
+        for k, v, pos in parts[1:]:
+            state = _online_softmax(state, _cached_scores(qg, q_pos, k, pos, chunk),
+                                    lambda p, v=v: _weighted_values(p, v))
+        _, l, acc = state
+        return _heads_last((acc / l[..., None]).astype(q.dtype))
+    # One softmax over the scores put side by side (joining the keys and values instead would
+    # copy the buffers).
+    scores = [_cached_scores(qg, q_pos, k, pos, chunk) for k, _, pos in parts]
+    p = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    ends = list(itertools.accumulate(s.shape[-1] for s in scores))
+    out = sum(_weighted_values(p[..., e - s.shape[-1]:e], v)
+              for s, e, (_, v, _) in zip(scores, ends, parts))
+    return _heads_last(out.astype(q.dtype))
+
+
+def _heads_last(out):  # [B, K, G, T, H] -> [B, T, N, H]
+    B, K, G, T, H = out.shape
+    return jnp.einsum("BKGTH->BTKGH", out).reshape(B, T, K * G, H)
 
 
 def _weighted_values(p, v):  # p [B, K, G, T, S], v [B, K, S, H] -> [B, K, G, T, H] in fp32
@@ -184,13 +198,18 @@ class Attention(nn.Module):
     cfg: object  # the whole Config (dtypes); text fields come from cfg.text
     spec: LayerSpec
     fresh_cache: bool = False  # see cached_attention
+    # Decoding one token per row: write its key and value into the cache, then read the cache.
+    # The new key's slot then holds no key still needed, and XLA updates the buffers in place
+    # (read first and written after, they are copied unless the writing waits on a loop's end).
+    write_first: bool = False
 
     @nn.compact
     def __call__(self, x, positions, cache=None):
         """x [B, T, D], positions [B, T] (absolute, from 0; < 0 marks left padding).
         Without a cache the sequence must start at position 0 with no padding (training,
         scoring), and (out, None) is returned; with one, the cached keys are attended too and
-        (out, {"k": k, "v": v}) returns the new keys and values [B, T, K, H] for the cache."""
+        (out, {"k": k, "v": v}) returns the new keys and values [B, T, K, H] for the cache, or
+        with `write_first` (out, the updated cache)."""
         t: TextConfig = self.cfg.text
         D, N, K, H = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim
         dt = x.dtype
@@ -213,11 +232,14 @@ class Attention(nn.Module):
         k, v = (constrain(a, ("batch", "seq", "kv_heads", "head_dim")) for a in (k, v))
         chunk = t.attention_chunk_size if self.spec.chunked else None
         new = None
-        if cache is not None:
+        if cache is not None and self.write_first:
+            new = kv_cache.write_layer(cache, k, v, positions)
+            out = cached_attention(q, None, None, positions, new, chunk)
+        elif cache is not None:
             out = cached_attention(q, k, v, positions, cache, chunk, self.fresh_cache)
             new = {"k": k, "v": v}
         elif chunk is not None:
             out = chunked_causal_attention(q, k, v, chunk)
         else:
             out = causal_attention(q, k, v)
-        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt)), new
+        return merge_heads(out, wo), new

@@ -13,6 +13,7 @@ dims B, K leading), with no transpose of the whole cache at every decode step.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from .config import Config, LayerSpec
@@ -53,24 +54,38 @@ def write(cache, new, positions):
     written): new = {"layer_{j}": {"k": [nb, B, T, K, H], "v": [nb, B, T, K, H]}}, as the layer
     scan yields them. The layers only read the cache and the writing happens here, once, in
     place: had each layer returned its updated buffers, the scan would copy the whole cache at
-    every decode step.
+    every decode step."""
+    return {name: write_layer(layer, new[name]["k"], new[name]["v"], positions)
+            for name, layer in cache.items()}
 
+
+def write_layer(layer, k, v, positions):
+    """One layer's buffers {"k": [*nb, B, K, S, H], ...} with k, v [*nb, B, T, K, H] written at
+    positions [B, T] (< 0: not written); nb, the stacked blocks, or none for one block's cache.
     Slot = position mod S. When T > S only the last S positions of each row are kept (earlier
     ones would be overwritten anyway, and writing them would make the scatter ambiguous)."""
-    last = positions.max(axis=1, keepdims=True)
+    S = layer["pos"].shape[-1]
+    stacked = layer["pos"].shape[:-2]
+    keep = (positions >= 0) & (positions > positions.max(axis=1, keepdims=True) - S)
+    slot = jnp.where(keep, positions % S, S)  # S is out of range: dropped
     b = jnp.arange(positions.shape[0])[:, None]
-    out = {}
-    for name, layer in cache.items():
-        S = layer["pos"].shape[-1]
-        keep = (positions >= 0) & (positions > last - S)
-        slot = jnp.where(keep, positions % S, S)  # S is out of range: dropped
-        # Indices b and slot around a slice: the indexed view is [B, T, nb, K, H].
-        kv = {n: jnp.moveaxis(new[name][n], 0, 2).astype(layer[n].dtype) for n in ("k", "v")}
-        nb = layer["pos"].shape[0]
-        out[name] = {
-            "k": layer["k"].at[:, b, :, slot].set(kv["k"], mode="drop"),
-            "v": layer["v"].at[:, b, :, slot].set(kv["v"], mode="drop"),
-            "pos": layer["pos"].at[:, b, slot].set(
-                jnp.broadcast_to(positions, (nb, *positions.shape)), mode="drop"),
-        }
-    return out
+    # Indices b and slot around a slice: the indexed view is [B, T, *nb, K, H].
+    lead = range(len(stacked))
+    k, v = (jnp.moveaxis(a, lead, range(2, 2 + len(stacked))).astype(layer["k"].dtype)
+            for a in (k, v))
+    return {"k": layer["k"].at[..., b, :, slot, :].set(k, mode="drop"),
+            "v": layer["v"].at[..., b, :, slot, :].set(v, mode="drop"),
+            "pos": layer["pos"].at[..., b, slot].set(
+                jnp.broadcast_to(positions, (*stacked, *positions.shape)), mode="drop")}
+
+
+def split(cache):
+    """The cache as a tuple of per-block caches, arrays without the leading nb axis: the layout
+    of `Decoder(split=True)`, whose blocks read and write buffers of their own."""
+    nb = next(iter(cache.values()))["pos"].shape[0]
+    return tuple(jax.tree.map(lambda a: a[i], cache) for i in range(nb))
+
+
+def stack(blocks):
+    """Inverse of `split`."""
+    return jax.tree.map(lambda *a: jnp.stack(a), *blocks)

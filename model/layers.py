@@ -101,7 +101,20 @@ class MLP(nn.Module):
         wi_gate = param(self, "wi_gate", (D, F), ("embed", "mlp"))
         wi_up = param(self, "wi_up", (D, F), ("embed", "mlp"))
         wo = param(self, "wo", (F, D), ("mlp", "embed"))
-        dt = x.dtype
-        h = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, wi_gate.astype(dt)))
-        h = h * jnp.einsum("BTD,DF->BTF", x, wi_up.astype(dt))
-        return jnp.einsum("BTF,FD->BTD", h, wo.astype(dt))
+        return swiglu(x, wi_gate, wi_up, wo)
+
+
+def merge_heads(x, w):
+    """x [B, T, N, H] @ w [N, H, D] -> [B, T, D], contracting N then H as both lie in memory.
+    (jnp.einsum("BTNH,NHD->BTD") contracts H first, sorting the letters, and XLA then copies the
+    weight transposed before every matmul.)"""
+    return jnp.tensordot(x, w.astype(x.dtype), axes=2)
+
+
+def swiglu(x, wi_gate, wi_up, wo):
+    """down(silu(x @ gate) * (x @ up)) for x [..., D], weights [D, F], [D, F], [F, D], computed
+    in x's dtype."""
+    dt = x.dtype
+    h = jax.nn.silu(jnp.einsum("...D,DF->...F", x, wi_gate.astype(dt)))
+    h = h * jnp.einsum("...D,DF->...F", x, wi_up.astype(dt))
+    return jnp.einsum("...F,FD->...D", h, wo.astype(dt))

@@ -1,10 +1,12 @@
 """Mixture of experts: sigmoid top-k router, score applied to the expert *input*, shared expert.
 
-Two paths over the same parameters, held equal by a test:
+Three paths over the same weights, held equal by tests:
 - `grouped`: dropless; token copies are sorted by expert and run through `jax.lax.ragged_dot`
   (on CPU, where ragged_dot has no fast kernel: rounds of matmuls batched over the experts, or
   a gather of the selected experts when decoding), so each token pays for its k experts only.
 - `dense`: the reference; every expert runs on every (pre-scaled, mostly zero) token, as HF does.
+- split layout (`MoE(split=True)`, decoding on CPU): every expert's weights are a parameter of
+  their own, and each token copy switches to its expert (`experts_switched`).
 Experts have no biases, so an unselected expert (score 0, input 0) contributes exactly 0.
 Local letters: M, the token copies (T * k) sorted by expert; R, the rows an expert takes in
 one round of `swiglu_rounds`.
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from .layers import MLP, current_plan, param
+from .layers import MLP, current_plan, param, swiglu
 
 
 def swiglu_ragged(xs, wi_gate, wi_up, wo, group_sizes):
@@ -155,19 +157,39 @@ def experts_dense(x, top_ids, scores, wi_gate, wi_up, wo):
     return jnp.einsum("ETF,EFD->TD", h, wo)
 
 
+# The experts' weights, [E, ...] each, by the logical axes of one expert's slice. In the split
+# layout (model/split.py) expert e's slice is a parameter of its own, named "{name}_{e}".
+EXPERT_WEIGHTS = {"wi_gate": ("embed", "mlp"), "wi_up": ("embed", "mlp"), "wo": ("mlp", "embed")}
+
+
+def experts_switched(x, top_ids, scores, experts):
+    """x [T, D], top_ids/scores [T, k]; experts: (wi_gate [D, F], wi_up [D, F], wo [F, D]) per
+    expert, each a buffer of its own -> [T, D]. Each token copy runs through its expert alone,
+    picked by `lax.switch`, so the matmuls read that expert's weights where they lie: a decoding
+    step reads the selected experts once and copies none (see model/split.py for why on CPU)."""
+    T, k = top_ids.shape
+    xs = (x[:, None, :] * scores[..., None]).reshape(T * k, -1)            # [M, D]
+    branches = [functools.partial(_swiglu_row, w) for w in experts]
+    ys = jax.lax.map(lambda a: jax.lax.switch(a[0], branches, a[1]), (top_ids.reshape(-1), xs))
+    return ys.reshape(T, k, -1).sum(axis=1)
+
+
+def _swiglu_row(weights, x):  # a branch of experts_switched: x [D] -> [D]
+    return swiglu(x, *weights)
+
+
 class MoE(nn.Module):
     cfg: object
     impl: str = "grouped"  # grouped | dense
+    split: bool = False  # each expert's weights a parameter of its own; experts_switched runs them
 
     @nn.compact
     def __call__(self, x):  # [B, T, D]
         t = self.cfg.text
         D, F, E = t.hidden_size, t.intermediate_size, t.num_experts
+        size = {"embed": D, "mlp": F}
         dt = x.dtype
         router = param(self, "router", (D, E), ("embed", "experts"))
-        wi_gate = param(self, "wi_gate", (E, D, F), ("experts", "embed", "mlp"))
-        wi_up = param(self, "wi_up", (E, D, F), ("experts", "embed", "mlp"))
-        wo = param(self, "wo", (E, F, D), ("experts", "mlp", "embed"))
         B, T, _ = x.shape
         xt = x.reshape(B * T, D)
         logits = jnp.einsum("TD,DE->TE", xt, router.astype(dt))
@@ -175,9 +197,17 @@ class MoE(nn.Module):
         scores = jax.nn.sigmoid(top_logits.astype(jnp.float32)).astype(dt)
         # Router statistics for the load-balancing loss and per-expert load (training reads them).
         self.sow("intermediates", "router_logits", logits)
-        run = experts_grouped if self.impl == "grouped" else experts_dense
-        if self.impl == "grouped" and current_plan() is not None:
-            run = current_plan().experts  # expert parallelism: a shard_map around the same path
-        routed = run(xt, top_ids, scores, wi_gate.astype(dt), wi_up.astype(dt), wo.astype(dt))
+        if self.split:
+            experts = [tuple(param(self, f"{name}_{e}", tuple(size[a] for a in axes), axes)
+                             for name, axes in EXPERT_WEIGHTS.items()) for e in range(E)]
+            routed = experts_switched(xt, top_ids, scores, experts)
+        else:
+            wi_gate, wi_up, wo = (
+                param(self, name, (E, *(size[a] for a in axes)), ("experts", *axes)).astype(dt)
+                for name, axes in EXPERT_WEIGHTS.items())
+            run = experts_grouped if self.impl == "grouped" else experts_dense
+            if self.impl == "grouped" and current_plan() is not None:
+                run = current_plan().experts  # expert parallelism: a shard_map around the same path
+            routed = run(xt, top_ids, scores, wi_gate, wi_up, wo)
         shared = MLP(self.cfg, F, name="shared")(x)
         return shared + routed.reshape(B, T, D)

@@ -18,6 +18,7 @@ from . import kv_cache, multimodal
 from .config import Config
 from .decoder import Decoder
 from .layers import place_on_mesh, sharding_plan
+from .split import split_params
 
 BUCKET = 32
 
@@ -64,14 +65,19 @@ def sample(logits, key, temperature, top_k: int | None, top_p: float | None):
     return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps", "temperature", "top_k", "top_p", "plan"),
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "temperature", "top_k", "top_p", "plan",
+                                             "split"),
                    donate_argnames=("state",))  # the cache is updated in place, not copied
 def decode(cfg: Config, params, state, stop_tokens, pad_id, *, steps: int, temperature: float,
-           top_k: int | None, top_p: float | None, plan=None):
+           top_k: int | None, top_p: float | None, plan=None, split: bool = False):
     """Sample up to `steps` tokens. state = (logits [B, V] of each row's last token, next
     positions [B], cache, done [B], key). Returns (tokens [B, steps] with pad_id after a row
-    stops, new state) so that calls can be chained to stream."""
+    stops, new state) so that calls can be chained to stream. `split`: params are the decoder's
+    in the split layout (model/split.py), and the loop keeps the cache split the same way."""
     B = state[0].shape[0]
+    decoder = Decoder(cfg, split=split)
+    if not split:
+        params = multimodal.decoder_params(params)
 
     def cond(carry):
         i, _, (_, _, _, done, _) = carry
@@ -84,13 +90,19 @@ def decode(cfg: Config, params, state, stop_tokens, pad_id, *, steps: int, tempe
         out = out.at[:, i].set(tok)
         done = done | jnp.isin(tok, stop_tokens)
         with sharding_plan(plan):
-            logits, cache = Decoder(cfg).apply({"params": multimodal.decoder_params(params)},
-                                               tok[:, None], pos[:, None], cache=cache)
+            logits, cache = decoder.apply({"params": params}, tok[:, None], pos[:, None],
+                                          cache=cache)
         return i + 1, out, (logits[:, -1], pos + 1, cache, done, key)
 
+    logits, pos, cache, done, key = state
+    if split:
+        cache = kv_cache.split(cache)
     out = jnp.full((B, steps), pad_id, jnp.int32)
-    _, out, state = jax.lax.while_loop(cond, body, (0, out, state))
-    return out, state
+    _, out, (logits, pos, cache, done, key) = jax.lax.while_loop(
+        cond, body, (0, out, (logits, pos, cache, done, key)))
+    if split:
+        cache = kv_cache.stack(cache)
+    return out, (logits, pos, cache, done, key)
 
 
 def _as_rows(input_ids) -> list[list[int]]:
@@ -166,13 +178,17 @@ def decode_stream(cfg: Config, params, state, *, max_new_tokens: int, temperatur
     """New tokens [B, n] every `stream_every` tokens (all at once when None), until
     max_new_tokens or every row has stopped. `mesh`, `rules`: as given to `prefill`."""
     plan, params = place_on_mesh(cfg, params, state[0].shape[0], mesh, rules)
+    # On one CPU device the loop reads every weight in place from the split layout.
+    split = plan is None and jax.default_backend() == "cpu"
+    if split:
+        params = split_params(cfg, params)
     stop = list(cfg.text.eos_token_ids if stop_tokens is None else stop_tokens) or [-1]
     every = stream_every or max_new_tokens
     for done_so_far in range(0, max_new_tokens, every):
         steps = min(every, max_new_tokens - done_so_far)
         new, state = decode(cfg, params, state, jnp.asarray(stop, jnp.int32), _pad_id(cfg),
                             steps=steps, temperature=float(temperature), top_k=top_k, top_p=top_p,
-                            plan=plan)
+                            plan=plan, split=split)
         yield np.asarray(new)
         if bool(jnp.all(state[3])):
             return

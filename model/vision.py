@@ -18,7 +18,7 @@ import flax.linen as nn
 
 from .config import Config, ConfigError, VisionConfig
 from .decoder import REMAT_POLICIES
-from .layers import param
+from .layers import merge_heads, param
 from .rope import rotate_by_angles, vision_angles
 
 _zeros = nn.initializers.zeros
@@ -115,7 +115,7 @@ class VisionAttention(nn.Module):
         s = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * H ** -0.5
         probs = jax.nn.softmax(s, axis=-1).astype(dt)
         out = jnp.einsum("BNTS,BSNH->BTNH", probs, val)
-        return jnp.einsum("BTNH,NHD->BTD", out, o.astype(dt)) + o_bias.astype(dt)
+        return merge_heads(out, o) + o_bias.astype(dt)
 
 
 class VisionMLP(nn.Module):

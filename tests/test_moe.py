@@ -43,6 +43,21 @@ def test_grouped_equals_dense(k, T, grouped, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_switched_experts_equal_dense(k):
+    """The split layout's path: each token copy through its own expert's separate weights."""
+    E, T = 6, 5
+    wg, wu, wo = _weights(E)
+    r = np.random.default_rng(3)
+    x = jnp.asarray(r.normal(size=(T, 16)), jnp.float32)
+    top_logits, top_ids = jax.lax.top_k(jnp.asarray(r.normal(size=(T, E)), jnp.float32), k)
+    scores = jax.nn.sigmoid(top_logits)
+    experts = [(wg[e], wu[e], wo[e]) for e in range(E)]
+    np.testing.assert_allclose(moe.experts_switched(x, top_ids, scores, experts),
+                               moe.experts_dense(x, top_ids, scores, wg, wu, wo),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_kernels_handle_empty_and_overfull_experts():
     E, D, M = 5, 8, 37
     wg, wu, wo = _weights(E, D, 12)

@@ -1,0 +1,59 @@
+"""The split layout: every block's and every expert's weights an array of their own.
+
+Decoding a token reads every weight it uses once and does little arithmetic with it, so a step
+costs about what reading the weights costs. XLA:CPU copies any part of an array that a matmul
+reads before the matmul runs: a layer's weights sliced out of the scanned stack of blocks, or
+the selected experts gathered by index. Each weight is then read, written and read again; in a
+profile of the benchmark model's decode step the copies took about half of the time.
+
+In the split layout the blocks' parameters and each expert's weights are separate arrays, given
+to the jitted decode loop as they are, and `Decoder(split=True)` reads each where it lies: the
+blocks run one after another (no scan), and each token copy switches to its expert
+(`moe.experts_switched`). On CPU the split arrays are views of the stacked ones (no copy).
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from .config import Config
+from .moe import EXPERT_WEIGHTS
+from .multimodal import DECODER_KEYS
+
+
+def split_params(cfg: Config, params):
+    """The decoder's part of `params` (stacked, as stored) in the layout of
+    `Decoder(cfg, split=True)`: "blocks" becomes "block_0" ... "block_{nb-1}", and under each
+    MoE layer an expert weight "w" [E, ...] becomes "w_0" ... "w_{E-1}"."""
+    leaves, index = [], []
+
+    def walk(tree, i, path):  # mirrors tree for block i, noting where each leaf's view goes
+        out = {}
+        for name, sub in tree.items():
+            if isinstance(sub, dict):
+                out[name] = walk(sub, i, path + (name,))
+            elif path[-1:] == ("moe",) and name in EXPERT_WEIGHTS:
+                for e in range(cfg.text.num_experts):
+                    out[f"{name}_{e}"] = len(leaves)
+                    leaves.append(sub), index.append((i, e))
+            else:
+                out[name] = len(leaves)
+                leaves.append(sub), index.append(i)
+        return out
+
+    blocks = {f"block_{i}": walk(params["blocks"], i, ()) for i in range(cfg.text.num_blocks)}
+    views = _views(leaves, index)
+    split = jax.tree.map(lambda k: views[k], blocks)
+    return {**{k: params[k] for k in DECODER_KEYS if k != "blocks"}, **split}
+
+
+def _views(arrays, index):
+    """[a[i] for a, i in zip(arrays, index)], each an array of its own. On the CPU they alias the
+    arrays' memory (jax.device_put takes aligned host memory as it is): nothing is copied."""
+    if all(_on_host(a) for a in arrays):
+        return jax.device_put([np.asarray(a)[i] for a, i in zip(arrays, index)])
+    return [a[i] for a, i in zip(arrays, index)]
+
+
+def _on_host(a) -> bool:
+    return not isinstance(a, jax.Array) or all(d.platform == "cpu" for d in a.devices())
