@@ -198,9 +198,9 @@ class Attention(nn.Module):
     cfg: object  # the whole Config (dtypes); text fields come from cfg.text
     spec: LayerSpec
     fresh_cache: bool = False  # see cached_attention
-    # Decoding one token per row: write its key and value into the cache, then read the cache.
-    # The new key's slot then holds no key still needed, and XLA updates the buffers in place
-    # (read first and written after, they are copied unless the writing waits on a loop's end).
+    # One token per row: write its key and value into the cache, then read the cache. The new
+    # key's slot then holds no key still needed, and XLA updates the buffers in place (read
+    # first and written after, they are copied, unless the writing waits for a scan to end).
     write_first: bool = False
 
     @nn.compact

@@ -80,12 +80,7 @@ def write_layer(layer, k, v, positions):
 
 
 def split(cache):
-    """The cache as a tuple of per-block caches, arrays without the leading nb axis: the layout
-    of `Decoder(split=True)`, whose blocks read and write buffers of their own."""
+    """The cache as a tuple of per-block caches, arrays without the leading nb axis: the cache
+    of the split layouts (model/split.py), whose blocks read and write buffers of their own."""
     nb = next(iter(cache.values()))["pos"].shape[0]
     return tuple(jax.tree.map(lambda a: a[i], cache) for i in range(nb))
-
-
-def stack(blocks):
-    """Inverse of `split`."""
-    return jax.tree.map(lambda *a: jnp.stack(a), *blocks)

@@ -5,8 +5,8 @@ Three paths over the same weights, held equal by tests:
   (on CPU, where ragged_dot has no fast kernel: rounds of matmuls batched over the experts, or
   a gather of the selected experts when decoding), so each token pays for its k experts only.
 - `dense`: the reference; every expert runs on every (pre-scaled, mostly zero) token, as HF does.
-- split layout (`MoE(split=True)`, decoding on CPU): every expert's weights are a parameter of
-  their own, and each token copy switches to its expert (`experts_switched`).
+- split experts (`MoE(split_experts=True)`, decoding on CPU): every expert's weights are a
+  parameter of their own, and each token copy switches to its expert (`experts_switched`).
 Experts have no biases, so an unselected expert (score 0, input 0) contributes exactly 0.
 Local letters: M, the token copies (T * k) sorted by expert; R, the rows an expert takes in
 one round of `swiglu_rounds`.
@@ -157,8 +157,8 @@ def experts_dense(x, top_ids, scores, wi_gate, wi_up, wo):
     return jnp.einsum("ETF,EFD->TD", h, wo)
 
 
-# The experts' weights, [E, ...] each, by the logical axes of one expert's slice. In the split
-# layout (model/split.py) expert e's slice is a parameter of its own, named "{name}_{e}".
+# The experts' weights, [E, ...] each, by the logical axes of one expert's slice. With split
+# experts (model/split.py) expert e's slice is a parameter of its own, named "{name}_{e}".
 EXPERT_WEIGHTS = {"wi_gate": ("embed", "mlp"), "wi_up": ("embed", "mlp"), "wo": ("mlp", "embed")}
 
 
@@ -181,7 +181,7 @@ def _swiglu_row(weights, x):  # a branch of experts_switched: x [D] -> [D]
 class MoE(nn.Module):
     cfg: object
     impl: str = "grouped"  # grouped | dense
-    split: bool = False  # each expert's weights a parameter of its own; experts_switched runs them
+    split_experts: bool = False  # each expert's weights parameters of their own: experts_switched
 
     @nn.compact
     def __call__(self, x):  # [B, T, D]
@@ -197,7 +197,7 @@ class MoE(nn.Module):
         scores = jax.nn.sigmoid(top_logits.astype(jnp.float32)).astype(dt)
         # Router statistics for the load-balancing loss and per-expert load (training reads them).
         self.sow("intermediates", "router_logits", logits)
-        if self.split:
+        if self.split_experts:
             experts = [tuple(param(self, f"{name}_{e}", tuple(size[a] for a in axes), axes)
                              for name, axes in EXPERT_WEIGHTS.items()) for e in range(E)]
             routed = experts_switched(xt, top_ids, scores, experts)

@@ -23,20 +23,26 @@ from .split import split_params
 BUCKET = 32
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "plan", "fresh"),
+@functools.partial(jax.jit, static_argnames=("cfg", "plan", "fresh", "layout", "last_only"),
                    donate_argnames=("cache",))
-def extend(cfg: Config, params, ids, positions, cache, plan=None, image=None, fresh=False):
+def extend(cfg: Config, params, ids, positions, cache, plan=None, image=None, fresh=False,
+           layout="stacked", last_only=False):
     """Run tokens ids [B, T] at positions [B, T] through the model, appending to the cache.
-    Returns (logits [B, T, V], cache). `plan`: a sharding.Plan, or None on one device.
+    Returns (logits [B, T, V], or [B, 1, V] for the last position with `last_only`, cache).
+    `plan`: a sharding.Plan, or None on one device.
     `image` = (mask [B, T], features [B, T, D]): embeddings replaced where mask is set.
-    `fresh`: the cache is still empty (attention then skips its slots)."""
+    `fresh`: the cache is still empty (attention then skips its slots).
+    `layout`: of the params and the cache (model/split.py); "stacked", as stored, or the
+    decoder's params split by `split_params` and the cache by `kv_cache.split`."""
     embed_fn = None
     if image is not None:
         embed_fn = lambda x: jnp.where(image[0][..., None], image[1].astype(x.dtype), x)  # noqa: E731
+    if layout == "stacked":
+        params = multimodal.decoder_params(params)
     with sharding_plan(plan):
-        decoder = Decoder(cfg, fresh_cache=fresh)
-        return decoder.apply({"params": multimodal.decoder_params(params)}, ids, positions,
-                             embed_fn=embed_fn, cache=cache)
+        decoder = Decoder(cfg, fresh_cache=fresh, layout=layout)
+        return decoder.apply({"params": params}, ids, positions, embed_fn=embed_fn, cache=cache,
+                             last_only=last_only)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -66,17 +72,16 @@ def sample(logits, key, temperature, top_k: int | None, top_p: float | None):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "temperature", "top_k", "top_p", "plan",
-                                             "split"),
+                                             "layout"),
                    donate_argnames=("state",))  # the cache is updated in place, not copied
 def decode(cfg: Config, params, state, stop_tokens, pad_id, *, steps: int, temperature: float,
-           top_k: int | None, top_p: float | None, plan=None, split: bool = False):
+           top_k: int | None, top_p: float | None, plan=None, layout: str = "stacked"):
     """Sample up to `steps` tokens. state = (logits [B, V] of each row's last token, next
     positions [B], cache, done [B], key). Returns (tokens [B, steps] with pad_id after a row
-    stops, new state) so that calls can be chained to stream. `split`: params are the decoder's
-    in the split layout (model/split.py), and the loop keeps the cache split the same way."""
+    stops, new state) so that calls can be chained to stream. `layout`: as for `extend`."""
     B = state[0].shape[0]
-    decoder = Decoder(cfg, split=split)
-    if not split:
+    decoder = Decoder(cfg, layout=layout)
+    if layout == "stacked":
         params = multimodal.decoder_params(params)
 
     def cond(carry):
@@ -94,15 +99,15 @@ def decode(cfg: Config, params, state, stop_tokens, pad_id, *, steps: int, tempe
                                           cache=cache)
         return i + 1, out, (logits[:, -1], pos + 1, cache, done, key)
 
-    logits, pos, cache, done, key = state
-    if split:
-        cache = kv_cache.split(cache)
     out = jnp.full((B, steps), pad_id, jnp.int32)
-    _, out, (logits, pos, cache, done, key) = jax.lax.while_loop(
-        cond, body, (0, out, (logits, pos, cache, done, key)))
-    if split:
-        cache = kv_cache.stack(cache)
-    return out, (logits, pos, cache, done, key)
+    _, out, state = jax.lax.while_loop(cond, body, (0, out, state))
+    return out, state
+
+
+def _split(plan) -> bool:
+    """On one CPU device the weights are read where they lie, from split layouts: prefill by
+    "blocks", decoding by "experts" (model/split.py); the cache is kept split by blocks."""
+    return plan is None and jax.default_backend() == "cpu"
 
 
 def _as_rows(input_ids) -> list[list[int]]:
@@ -120,8 +125,9 @@ def prefill(cfg: Config, params, input_ids: Sequence[Sequence[int]] | np.ndarray
             rules="combined", pixel_values=None):
     """Check and left-pad the prompts, run them through the model in pieces of `prefill_chunk`
     tokens, and return (prompts [B, T] left-padded, decode state). With a `mesh` the params,
-    cache and state are placed on it (see sharding/). pixel_values [tiles, S, S, 3]: the tiles
-    of every image of every row, in order (see `model.image_processing.build_inputs`)."""
+    cache and state are placed on it (see sharding/); on one CPU device the state's cache is
+    split by blocks (`kv_cache.split`). pixel_values [tiles, S, S, 3]: the tiles of every image
+    of every row, in order (see `model.image_processing.build_inputs`)."""
     t = cfg.text
     rows = _as_rows(input_ids)
     if max_new_tokens < 1:
@@ -151,6 +157,10 @@ def prefill(cfg: Config, params, input_ids: Sequence[Sequence[int]] | np.ndarray
     max_len = _round_up(T + max_new_tokens, BUCKET)
     cache = (kv_cache.init_cache(cfg, len(rows), max_len) if plan is None
              else plan.init_cache(cfg, len(rows), max_len))
+    layout, decoder_params = "stacked", params
+    if _split(plan):
+        layout, decoder_params = "blocks", split_params(cfg, params, "blocks")
+        cache = kv_cache.split(cache)
     image = None
     if pixel_values is not None:
         pixel_values = jnp.asarray(pixel_values)
@@ -162,9 +172,10 @@ def prefill(cfg: Config, params, input_ids: Sequence[Sequence[int]] | np.ndarray
         piece_image = None if image is None else (
             put(image[0][:, s:s + piece], ("batch", "seq")),
             put(image[1][:, s:s + piece], ("batch", "seq", "act_embed")))
-        logits, cache = extend(cfg, params, put(ids[:, s:s + piece], ("batch", "seq")),
+        logits, cache = extend(cfg, decoder_params, put(ids[:, s:s + piece], ("batch", "seq")),
                                put(positions[:, s:s + piece], ("batch", "seq")), cache, plan,
-                               piece_image, fresh=s == 0)
+                               piece_image, fresh=s == 0, layout=layout,
+                               last_only=s + piece == T_pad)
     key = jax.random.key(seed) if isinstance(seed, int) else seed
     state = (logits[:, -1], put(jnp.asarray(positions[:, -1] + 1), ("batch",)), cache,
              put(jnp.zeros((len(rows),), bool), ("batch",)), key)
@@ -178,17 +189,16 @@ def decode_stream(cfg: Config, params, state, *, max_new_tokens: int, temperatur
     """New tokens [B, n] every `stream_every` tokens (all at once when None), until
     max_new_tokens or every row has stopped. `mesh`, `rules`: as given to `prefill`."""
     plan, params = place_on_mesh(cfg, params, state[0].shape[0], mesh, rules)
-    # On one CPU device the loop reads every weight in place from the split layout.
-    split = plan is None and jax.default_backend() == "cpu"
-    if split:
-        params = split_params(cfg, params)
+    layout = "stacked"
+    if _split(plan):
+        layout, params = "experts", split_params(cfg, params, "experts")
     stop = list(cfg.text.eos_token_ids if stop_tokens is None else stop_tokens) or [-1]
     every = stream_every or max_new_tokens
     for done_so_far in range(0, max_new_tokens, every):
         steps = min(every, max_new_tokens - done_so_far)
         new, state = decode(cfg, params, state, jnp.asarray(stop, jnp.int32), _pad_id(cfg),
                             steps=steps, temperature=float(temperature), top_k=top_k, top_p=top_p,
-                            plan=plan, split=split)
+                            plan=plan, layout=layout)
         yield np.asarray(new)
         if bool(jnp.all(state[3])):
             return

@@ -1,15 +1,19 @@
-"""The split layout: every block's and every expert's weights an array of their own.
+"""Split layouts for CPU inference: each block's, and each expert's, weights an array of their own.
 
-Decoding a token reads every weight it uses once and does little arithmetic with it, so a step
-costs about what reading the weights costs. XLA:CPU copies any part of an array that a matmul
-reads before the matmul runs: a layer's weights sliced out of the scanned stack of blocks, or
-the selected experts gathered by index. Each weight is then read, written and read again; in a
-profile of the benchmark model's decode step the copies took about half of the time.
+XLA:CPU copies any part of an array that a matmul reads before the matmul runs: a layer's weights
+sliced out of the scanned stack of blocks, or the selected experts gathered by index. Each weight
+is then read, written and read again. Decoding a token does little arithmetic with each weight,
+so a step costs about what reading the weights costs: in a profile of the benchmark model's
+decode step the copies took about half of the time, and of a prefill about 40%.
 
-In the split layout the blocks' parameters and each expert's weights are separate arrays, given
-to the jitted decode loop as they are, and `Decoder(split=True)` reads each where it lies: the
-blocks run one after another (no scan), and each token copy switches to its expert
-(`moe.experts_switched`). On CPU the split arrays are views of the stacked ones (no copy).
+The layouts (`Decoder.layout`):
+- "stacked": as stored; the blocks are scanned (every backend; training; sharded runs).
+- "blocks": each block's parameters are arrays of their own ("block_{i}"), and the blocks run
+  one after another. Prefill on CPU: the grouped MoE reads each block's experts where they lie.
+- "experts": as "blocks", and each expert's weights are arrays of their own ("{name}_{e}").
+  Decoding on CPU: each token copy switches to its expert (`moe.experts_switched`), whose
+  matmuls read only the selected experts, once.
+On the CPU the split arrays are views of the stacked ones: nothing is copied.
 """
 from __future__ import annotations
 
@@ -21,10 +25,12 @@ from .moe import EXPERT_WEIGHTS
 from .multimodal import DECODER_KEYS
 
 
-def split_params(cfg: Config, params):
-    """The decoder's part of `params` (stacked, as stored) in the layout of
-    `Decoder(cfg, split=True)`: "blocks" becomes "block_0" ... "block_{nb-1}", and under each
-    MoE layer an expert weight "w" [E, ...] becomes "w_0" ... "w_{E-1}"."""
+def split_params(cfg: Config, params, layout: str):
+    """The decoder's part of `params` (stacked, as stored) in `layout`, "blocks" or "experts"
+    (see above): "blocks" becomes "block_0" ... "block_{nb-1}", and with "experts" an expert
+    weight "w" [E, ...] under each MoE layer becomes "w_0" ... "w_{E-1}"."""
+    if layout not in ("blocks", "experts"):
+        raise ValueError(f"unknown split layout {layout!r}: 'blocks' or 'experts'")
     leaves, index = [], []
 
     def walk(tree, i, path):  # mirrors tree for block i, noting where each leaf's view goes
@@ -32,7 +38,7 @@ def split_params(cfg: Config, params):
         for name, sub in tree.items():
             if isinstance(sub, dict):
                 out[name] = walk(sub, i, path + (name,))
-            elif path[-1:] == ("moe",) and name in EXPERT_WEIGHTS:
+            elif layout == "experts" and path[-1:] == ("moe",) and name in EXPERT_WEIGHTS:
                 for e in range(cfg.text.num_experts):
                     out[f"{name}_{e}"] = len(leaves)
                     leaves.append(sub), index.append((i, e))
