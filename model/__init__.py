@@ -37,6 +37,7 @@ from .config import Config, ConfigError, LayerSpec, TextConfig, VisionConfig, pr
 from .decoder import Decoder
 from .layers import INIT_STD, NORMAL, noting_initializers, place_on_mesh, sharding_plan
 from .sampling import generate
+from .split import for_inference
 from . import multimodal
 from .multimodal import DECODER_KEYS, VISION_KEYS
 from .vision import VisionTower
@@ -104,10 +105,11 @@ def param_axes(cfg: Config):
     return axes
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "moe_impl", "plan"))
-def _forward(cfg: Config, params, input_ids, moe_impl: str, plan=None):
+@functools.partial(jax.jit, static_argnames=("cfg", "moe_impl", "plan", "layout"))
+def _forward(cfg: Config, params, input_ids, moe_impl: str, plan=None, layout="stacked"):
     with sharding_plan(plan):
-        return Decoder(cfg, moe_impl).apply({"params": multimodal.decoder_params(params)}, input_ids)[0]
+        return Decoder(cfg, moe_impl, layout=layout).apply(
+            {"params": multimodal.decoder_params(params)}, input_ids)[0]
 
 
 def forward(cfg: Config, params, input_ids, pixel_values=None, *, moe_impl: str = "grouped",
@@ -127,7 +129,8 @@ def forward(cfg: Config, params, input_ids, pixel_values=None, *, moe_impl: str 
     plan, params = place_on_mesh(cfg, params, input_ids.shape[0], mesh, rules)
     if plan is not None:
         input_ids = plan.put(input_ids, ("batch", "seq"), "input_ids")
-    return _forward(cfg, params, input_ids, moe_impl, plan)
+    layout, params = for_inference(cfg, params, plan, "blocks")
+    return _forward(cfg, params, input_ids, moe_impl, plan, layout)
 
 
 __all__ = ["Config", "ConfigError", "LayerSpec", "TextConfig", "VisionConfig", "forward",

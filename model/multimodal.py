@@ -16,6 +16,7 @@ import numpy as np
 from .config import Config
 from .decoder import Decoder
 from .layers import place_on_mesh, sharding_plan
+from .split import for_inference
 from .vision import VisionTower, check_config, tokens_per_tile
 
 DECODER_KEYS = ("embed", "blocks", "final_norm", "lm_head")
@@ -23,8 +24,8 @@ VISION_KEYS = ("vision", "projector")
 
 
 def decoder_params(params):
-    """The text decoder's part of a (possibly multimodal) parameter tree."""
-    return {k: params[k] for k in DECODER_KEYS}
+    """The text decoder's part of a (possibly multimodal) parameter tree, in any layout."""
+    return {k: v for k, v in params.items() if k not in VISION_KEYS}
 
 
 def placed_features(input_ids, features, image_token_id: int):
@@ -47,14 +48,15 @@ def image_features(cfg: Config, params, pixel_values):
     return feats.reshape(-1, feats.shape[-1])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "moe_impl", "plan"))
-def _forward(cfg: Config, params, input_ids, pixel_values, moe_impl: str, plan=None):
+@functools.partial(jax.jit, static_argnames=("cfg", "moe_impl", "plan", "layout"))
+def _forward(cfg: Config, params, input_ids, pixel_values, moe_impl: str, plan=None,
+             layout="stacked"):
     with sharding_plan(plan):
         feats = image_features(cfg, params, pixel_values)
         embed_fn = functools.partial(splice, input_ids=input_ids, features=feats,
                                      image_token_id=cfg.image_token_id)
-        logits, _ = Decoder(cfg, moe_impl).apply({"params": decoder_params(params)},
-                                                 input_ids, embed_fn=embed_fn)
+        logits, _ = Decoder(cfg, moe_impl, layout=layout).apply(
+            {"params": decoder_params(params)}, input_ids, embed_fn=embed_fn)
     return logits
 
 
@@ -112,4 +114,5 @@ def forward(cfg: Config, params, input_ids, pixel_values, moe_impl: str = "group
         input_ids = plan.put(input_ids, ("batch", "seq"), "input_ids")
     if plan is not None:
         pixel_values = plan.put(pixel_values, (None,) * 4, "pixel_values")
-    return _forward(cfg, params, input_ids, pixel_values, moe_impl, plan)
+    layout, params = for_inference(cfg, params, plan, "blocks")
+    return _forward(cfg, params, input_ids, pixel_values, moe_impl, plan, layout)

@@ -18,7 +18,7 @@ from . import kv_cache, multimodal
 from .config import Config
 from .decoder import Decoder
 from .layers import place_on_mesh, sharding_plan
-from .split import split_params
+from .split import for_inference
 
 BUCKET = 32
 
@@ -33,16 +33,14 @@ def extend(cfg: Config, params, ids, positions, cache, plan=None, image=None, fr
     `image` = (mask [B, T], features [B, T, D]): embeddings replaced where mask is set.
     `fresh`: the cache is still empty (attention then skips its slots).
     `layout`: of the params and the cache (model/split.py); "stacked", as stored, or the
-    decoder's params split by `split_params` and the cache by `kv_cache.split`."""
+    params split by `split_params` and the cache by `kv_cache.split`."""
     embed_fn = None
     if image is not None:
         embed_fn = lambda x: jnp.where(image[0][..., None], image[1].astype(x.dtype), x)  # noqa: E731
-    if layout == "stacked":
-        params = multimodal.decoder_params(params)
     with sharding_plan(plan):
         decoder = Decoder(cfg, fresh_cache=fresh, layout=layout)
-        return decoder.apply({"params": params}, ids, positions, embed_fn=embed_fn, cache=cache,
-                             last_only=last_only)
+        return decoder.apply({"params": multimodal.decoder_params(params)}, ids, positions,
+                             embed_fn=embed_fn, cache=cache, last_only=last_only)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -81,8 +79,7 @@ def decode(cfg: Config, params, state, stop_tokens, pad_id, *, steps: int, tempe
     stops, new state) so that calls can be chained to stream. `layout`: as for `extend`."""
     B = state[0].shape[0]
     decoder = Decoder(cfg, layout=layout)
-    if layout == "stacked":
-        params = multimodal.decoder_params(params)
+    params = multimodal.decoder_params(params)
 
     def cond(carry):
         i, _, (_, _, _, done, _) = carry
@@ -102,12 +99,6 @@ def decode(cfg: Config, params, state, stop_tokens, pad_id, *, steps: int, tempe
     out = jnp.full((B, steps), pad_id, jnp.int32)
     _, out, state = jax.lax.while_loop(cond, body, (0, out, state))
     return out, state
-
-
-def _split(plan) -> bool:
-    """On one CPU device the weights are read where they lie, from split layouts: prefill by
-    "blocks", decoding by "experts" (model/split.py); the cache is kept split by blocks."""
-    return plan is None and jax.default_backend() == "cpu"
 
 
 def _as_rows(input_ids) -> list[list[int]]:
@@ -157,9 +148,10 @@ def prefill(cfg: Config, params, input_ids: Sequence[Sequence[int]] | np.ndarray
     max_len = _round_up(T + max_new_tokens, BUCKET)
     cache = (kv_cache.init_cache(cfg, len(rows), max_len) if plan is None
              else plan.init_cache(cfg, len(rows), max_len))
-    layout, decoder_params = "stacked", params
-    if _split(plan):
-        layout, decoder_params = "blocks", split_params(cfg, params, "blocks")
+    # On one CPU device the weights are read where they lie (model/split.py): prefill by blocks,
+    # decoding by experts; the cache stays split by blocks from here on.
+    layout, laid_out = for_inference(cfg, params, plan, "blocks")
+    if layout != "stacked":
         cache = kv_cache.split(cache)
     image = None
     if pixel_values is not None:
@@ -172,7 +164,7 @@ def prefill(cfg: Config, params, input_ids: Sequence[Sequence[int]] | np.ndarray
         piece_image = None if image is None else (
             put(image[0][:, s:s + piece], ("batch", "seq")),
             put(image[1][:, s:s + piece], ("batch", "seq", "act_embed")))
-        logits, cache = extend(cfg, decoder_params, put(ids[:, s:s + piece], ("batch", "seq")),
+        logits, cache = extend(cfg, laid_out, put(ids[:, s:s + piece], ("batch", "seq")),
                                put(positions[:, s:s + piece], ("batch", "seq")), cache, plan,
                                piece_image, fresh=s == 0, layout=layout,
                                last_only=s + piece == T_pad)
@@ -189,9 +181,7 @@ def decode_stream(cfg: Config, params, state, *, max_new_tokens: int, temperatur
     """New tokens [B, n] every `stream_every` tokens (all at once when None), until
     max_new_tokens or every row has stopped. `mesh`, `rules`: as given to `prefill`."""
     plan, params = place_on_mesh(cfg, params, state[0].shape[0], mesh, rules)
-    layout = "stacked"
-    if _split(plan):
-        layout, params = "experts", split_params(cfg, params, "experts")
+    layout, params = for_inference(cfg, params, plan, "experts")
     stop = list(cfg.text.eos_token_ids if stop_tokens is None else stop_tokens) or [-1]
     every = stream_every or max_new_tokens
     for done_so_far in range(0, max_new_tokens, every):

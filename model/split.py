@@ -22,13 +22,21 @@ import numpy as np
 
 from .config import Config
 from .moe import EXPERT_WEIGHTS
-from .multimodal import DECODER_KEYS
+
+
+def for_inference(cfg: Config, params, plan, layout: str):
+    """(layout, params laid out so) for an inference run: `layout` on one CPU device, else
+    ("stacked", params as they are): accelerators scan the stacked blocks without copies, and
+    the sharding rules of a mesh name the stacked axes."""
+    if plan is None and jax.default_backend() == "cpu":
+        return layout, split_params(cfg, params, layout)
+    return "stacked", params
 
 
 def split_params(cfg: Config, params, layout: str):
-    """The decoder's part of `params` (stacked, as stored) in `layout`, "blocks" or "experts"
-    (see above): "blocks" becomes "block_0" ... "block_{nb-1}", and with "experts" an expert
-    weight "w" [E, ...] under each MoE layer becomes "w_0" ... "w_{E-1}"."""
+    """`params` (stacked, as stored) in `layout`, "blocks" or "experts" (see above): "blocks"
+    becomes "block_0" ... "block_{nb-1}", and with "experts" an expert weight "w" [E, ...] under
+    each MoE layer becomes "w_0" ... "w_{E-1}". The vision tower's parameters stay as they are."""
     if layout not in ("blocks", "experts"):
         raise ValueError(f"unknown split layout {layout!r}: 'blocks' or 'experts'")
     leaves, index = [], []
@@ -50,7 +58,7 @@ def split_params(cfg: Config, params, layout: str):
     blocks = {f"block_{i}": walk(params["blocks"], i, ()) for i in range(cfg.text.num_blocks)}
     views = _views(leaves, index)
     split = jax.tree.map(lambda k: views[k], blocks)
-    return {**{k: params[k] for k in DECODER_KEYS if k != "blocks"}, **split}
+    return {**{k: v for k, v in params.items() if k != "blocks"}, **split}
 
 
 def _views(arrays, index):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import model
-from model import kv_cache, sampling
+from model import kv_cache, multimodal, sampling
 from model.decoder import Decoder
 from model.split import split_params
 
@@ -50,6 +50,13 @@ def test_split_arrays_alias_the_stacked_ones_on_cpu(tiny):
         split_params(cfg, params, "layers")
 
 
+def test_forward_by_blocks_equals_stacked(tiny):
+    cfg, params = tiny
+    ids = np.random.default_rng(0).integers(3, cfg.text.vocab_size, (2, 19))
+    stacked = Decoder(cfg).apply({"params": multimodal.decoder_params(params)}, ids)[0]
+    np.testing.assert_allclose(model.forward(cfg, params, ids), stacked, rtol=1e-5, atol=1e-5)
+
+
 def test_split_layouts_generate_as_stacked(tiny, monkeypatch):
     """What CPU inference runs (prefill by blocks, in two pieces; decoding by experts) against
     what accelerators and meshes run (stacked): prefill logits, tokens, last logits, cache."""
@@ -57,8 +64,9 @@ def test_split_layouts_generate_as_stacked(tiny, monkeypatch):
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]   # ragged: left padding
     stop = jnp.asarray([-1], jnp.int32)
     results = {}
-    for split in (False, True):
-        monkeypatch.setattr(sampling, "_split", lambda plan, split=split: split)
+    for split in (True, False):
+        if not split:  # what a mesh or an accelerator gets
+            monkeypatch.setattr(sampling, "for_inference", lambda cfg, p, plan, layout: ("stacked", p))
         _, state = sampling.prefill(cfg, params, prompts, max_new_tokens=12, prefill_chunk=4)
         first = np.asarray(state[0])
         layout, p = ("experts", split_params(cfg, params, "experts")) if split else ("stacked", params)
