@@ -9,7 +9,9 @@ those positions, so left-padded rows of a batch behave exactly like unpadded pro
 
 with S = C for chunked layers and S = max_len for global ones; nb = cfg.text.num_blocks. The
 slots sit next to head_dim so that both attention products read the buffers as they lie (batch
-dims B, K leading), with no transpose of the whole cache at every decode step.
+dims B, K leading), with no transpose of the whole cache at every decode step. The split
+layouts of CPU inference (model/split.py) keep it as a tuple of nb such dicts without the nb
+axis (`split`), so that each block updates buffers of its own in place.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Three paths over the same weights, held equal by tests:
 - `grouped`: dropless; token copies are sorted by expert and run through `jax.lax.ragged_dot`
   (on CPU, where ragged_dot has no fast kernel: rounds of matmuls batched over the experts, or
-  a gather of the selected experts when decoding), so each token pays for its k experts only.
+  a gather of the selected experts for a few rows), so each token pays for its k experts only.
 - `dense`: the reference; every expert runs on every (pre-scaled, mostly zero) token, as HF does.
 - split experts (`MoE(split_experts=True)`, decoding on CPU): every expert's weights are a
   parameter of their own, and each token copy switches to its expert (`experts_switched`).
@@ -134,11 +134,6 @@ def experts_grouped(x, top_ids, scores, wi_gate, wi_up, wo):
     """x [T, D], top_ids/scores [T, k], weights [E, D, F] / [E, F, D] -> [T, D]."""
     T, k = top_ids.shape
     E = wi_gate.shape[0]
-    if jax.default_backend() == "cpu" and T * k <= E:
-        # Decoding: no sort, no groups; each token copy goes straight to its expert.
-        xs = (x[:, None, :] * scores[..., None]).reshape(T * k, -1)
-        ys = swiglu_gathered(xs, wi_gate, wi_up, wo, top_ids.reshape(-1))
-        return ys.reshape(T, k, -1).sum(axis=1)
     flat = top_ids.reshape(-1)                        # [T k]
     order = jnp.argsort(flat, stable=True)
     token = order // k                                # which token each sorted copy came from

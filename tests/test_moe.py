@@ -21,7 +21,7 @@ def _gathered(xs, wg, wu, wo, gs):
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("T, grouped", [(50, moe.swiglu_rounds), (50, moe.swiglu_ragged),
                                         (50, _gathered),
-                                        (3, None)])  # T * k <= E: the decoding path on CPU
+                                        (3, None)])  # T * k <= E: the gather on CPU
 def test_grouped_equals_dense(k, T, grouped, monkeypatch):
     if grouped is not None:
         monkeypatch.setattr(moe, "swiglu_grouped", grouped)
