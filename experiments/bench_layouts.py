@@ -1,0 +1,86 @@
+"""The parameter layouts of CPU inference against each other (model/split.py), one run.
+
+    python -m experiments.bench_layouts [--batch 4] [--prompt 128] [--steps 64] [--repeats 9]
+
+The mid-size random model of bench_forward (D=256, 8 layers, 16 experts, fp32). Prefill: one
+`extend` of the whole prompt; decode: `steps` greedy tokens in the jitted loop, per step. Each
+layout takes its turn with the others, so that load drifting during the run shifts all alike.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.bench_forward import bench_config
+from experiments.hf_reference import hf_text_model, params_from_hf
+from model import kv_cache, sampling
+from model.split import split_params
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=9)
+    args = ap.parse_args()
+
+    cfg, params = params_from_hf(hf_text_model(bench_config(eos_token_id=None, pad_token_id=0)))
+    B, T, n = args.batch, args.prompt, args.steps
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, cfg.text.vocab_size, (B, T)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    stop = jnp.asarray([-1], jnp.int32)
+
+    def laid_out(layout):
+        return params if layout == "stacked" else split_params(cfg, params, layout)
+
+    def fresh_cache(layout):
+        cache = kv_cache.init_cache(cfg, B, T + n)
+        return cache if layout == "stacked" else kv_cache.split(cache)
+
+    def prefill(layout):
+        p = laid_out(layout)
+
+        def run():  # -> seconds of the prefill alone
+            cache = jax.block_until_ready(fresh_cache(layout))
+            t0 = time.perf_counter()
+            out = sampling.extend(cfg, p, ids, pos, cache, fresh=True, layout=layout,
+                                  last_only=True)
+            jax.block_until_ready(out)
+            return time.perf_counter() - t0, out
+        return run
+
+    def decode(layout):
+        p, make_state = laid_out(layout), prefill(layout)
+
+        def run():  # -> seconds per step of the loop alone
+            _, (logits, cache) = make_state()
+            state = (logits[:, -1], jnp.full((B,), T, jnp.int32), cache, jnp.zeros((B,), bool),
+                     jax.random.key(0))
+            t0 = time.perf_counter()
+            jax.block_until_ready(sampling.decode(cfg, p, state, stop, 0, steps=n, temperature=0.0,
+                                                  top_k=None, top_p=None, layout=layout))
+            return (time.perf_counter() - t0) / n, None
+        return run
+
+    runs = {f"prefill {lay}": prefill(lay) for lay in ("stacked", "blocks")}
+    runs.update({f"decode {lay}": decode(lay) for lay in ("stacked", "blocks", "experts")})
+    times = {k: [] for k in runs}
+    for i in range(args.repeats + 1):  # in turns; the first round compiles and is dropped
+        for k, run in runs.items():
+            t, _ = run()
+            if i:
+                times[k].append(t)
+    print(f"jax {jax.__version__} ({jax.default_backend()}); batch {B}, prompt {T}, "
+          f"{n} decode steps; medians of {args.repeats} runs in turns")
+    for k, ts in times.items():
+        unit = "ms/step" if k.startswith("decode") else "ms"
+        print(f"{k:16s} {np.median(ts) * 1e3:8.2f} {unit}")
+
+
+if __name__ == "__main__":
+    main()
