@@ -1,4 +1,5 @@
-"""The text decoder: embeddings, layers scanned over the repeating block, final norm, LM head."""
+"""The text decoder: embeddings, layers scanned over the repeating block (run block by block in
+the split layouts of CPU inference, model/split.py), final norm, LM head."""
 from __future__ import annotations
 
 import jax

@@ -73,12 +73,13 @@ def write_layer(layer, k, v, positions):
     b = jnp.arange(positions.shape[0])[:, None]
     # Indices b and slot around a slice: the indexed view is [B, T, *nb, K, H].
     lead = range(len(stacked))
-    k, v = (jnp.moveaxis(a, lead, range(2, 2 + len(stacked))).astype(layer["k"].dtype)
-            for a in (k, v))
-    return {"k": layer["k"].at[..., b, :, slot, :].set(k, mode="drop"),
-            "v": layer["v"].at[..., b, :, slot, :].set(v, mode="drop"),
-            "pos": layer["pos"].at[..., b, slot].set(
-                jnp.broadcast_to(positions, (*stacked, *positions.shape)), mode="drop")}
+    new = {"k": k, "v": v}
+    out = {n: layer[n].at[..., b, :, slot, :].set(
+        jnp.moveaxis(new[n], lead, range(2, 2 + len(stacked))).astype(layer[n].dtype), mode="drop")
+        for n in ("k", "v")}
+    out["pos"] = layer["pos"].at[..., b, slot].set(
+        jnp.broadcast_to(positions, (*stacked, *positions.shape)), mode="drop")
+    return out
 
 
 def split(cache):

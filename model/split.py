@@ -5,7 +5,7 @@ sliced out of the scanned stack of blocks, or the selected experts gathered by i
 is then read, written and read again; profiles of the benchmark model (D=256, 8 layers, 16
 experts) put the copies at about a third of a prefill and half of a decode step. The copies run
 on both cores and the small matmuls that follow them on one, so reading in place gains less than
-that: prefill of 4 x 128 tokens 96 ms against 123 ms stacked, a decode step 6.4 ms against 7.3
+that: prefill of 4 x 128 tokens 91 ms against 124 ms stacked, a decode step 5.9 ms against 7.0
 (`python -m experiments.bench_layouts`, 2-core machine).
 
 The layouts (`Decoder.layout`):
