@@ -56,7 +56,8 @@ def write(cache, new, positions):
     written): new = {"layer_{j}": {"k": [nb, B, T, K, H], "v": [nb, B, T, K, H]}}, as the layer
     scan yields them. The layers only read the cache and the writing happens here, once, in
     place: had each layer returned its updated buffers, the scan would copy the whole cache at
-    every decode step."""
+    every decode step. One block's cache of the split layouts (`split`) and its new keys go
+    without the nb axis (a block of prompt tokens, written after the block has read the cache)."""
     return {name: write_layer(layer, new[name]["k"], new[name]["v"], positions)
             for name, layer in cache.items()}
 
