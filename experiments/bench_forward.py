@@ -39,14 +39,14 @@ def main():
     ids = np.random.default_rng(0).integers(0, cfg.text.vocab_size, (args.batch, args.seq))
     ids_t = torch.tensor(ids)
 
-    def ours(impl):
-        return lambda: jax.block_until_ready(model.forward(cfg, params, ids, moe_impl=impl))
+    def ours(experts):
+        return lambda: jax.block_until_ready(model.forward(cfg, params, ids, experts=experts))
 
     def theirs():
         with torch.no_grad():
             return hf(ids_t).logits
 
-    t_hf, t_grouped, t_dense = timed(theirs, ours("grouped"), ours("dense"), repeats=args.repeats)
+    t_hf, t_grouped, t_dense = timed(theirs, ours(None), ours("dense"), repeats=args.repeats)
     tokens = args.batch * args.seq
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
           f"torch threads {torch.get_num_threads()}; batch {args.batch} x seq {args.seq}")

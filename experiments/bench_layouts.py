@@ -1,4 +1,4 @@
-"""The parameter layouts of CPU inference against each other (model/split.py), one run.
+"""The parameter layouts of CPU inference against each other (model/runtime.py), one run.
 
     python -m experiments.bench_layouts [--batch 4] [--prompt 128] [--steps 64] [--repeats 9]
 
@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import model
 from experiments.bench_forward import bench_config
 from experiments.hf_reference import hf_text_model, params_from_hf
 from model import kv_cache, sampling
-from model.split import split_params
 
 
 def main():
@@ -35,35 +35,29 @@ def main():
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     stop = jnp.asarray([-1], jnp.int32)
 
-    def laid_out(layout):
-        return params if layout == "stacked" else split_params(cfg, params, layout)
-
-    def fresh_cache(layout):
-        cache = kv_cache.init_cache(cfg, B, T + n)
-        return cache if layout == "stacked" else kv_cache.split(cache)
-
     def prefill(layout):
-        p = laid_out(layout)
+        rt = model.resolve(cfg, "prefill", layout=layout).replace(cache_empty=True)
+        p = rt.view_params(params)
 
         def run():  # -> seconds of the prefill alone
-            cache = jax.block_until_ready(fresh_cache(layout))
+            cache = jax.block_until_ready(rt.view_cache(kv_cache.init_cache(cfg, B, T + n)))
             t0 = time.perf_counter()
-            out = sampling.extend(cfg, p, ids, pos, cache, fresh=True, layout=layout,
-                                  last_only=True)
+            out = sampling.extend(cfg, rt, p, ids, pos, cache, last_only=True)
             jax.block_until_ready(out)
             return time.perf_counter() - t0, out
         return run
 
     def decode(layout):
-        p, make_state = laid_out(layout), prefill(layout)
+        rt = model.resolve(cfg, "decode", layout=layout)
+        p, make_state = rt.view_params(params), prefill("stacked" if layout == "stacked" else "blocks")
 
         def run():  # -> seconds per step of the loop alone
             _, (logits, cache) = make_state()
-            state = (logits[:, -1], jnp.full((B,), T, jnp.int32), cache, jnp.zeros((B,), bool),
-                     jax.random.key(0))
+            state = sampling.DecodeState(logits[:, -1], jnp.full((B,), T, jnp.int32), cache,
+                                         jnp.zeros((B,), bool), jax.random.key(0))
             t0 = time.perf_counter()
-            jax.block_until_ready(sampling.decode(cfg, p, state, stop, 0, steps=n, temperature=0.0,
-                                                  top_k=None, top_p=None, layout=layout))
+            jax.block_until_ready(sampling.decode(cfg, rt, p, state, stop, 0, steps=n,
+                                                  temperature=0.0, top_k=None, top_p=None))
             return (time.perf_counter() - t0) / n, None
         return run
 

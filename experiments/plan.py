@@ -68,7 +68,6 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
     import model
     import sharding
     from model import kv_cache, sampling
-    from model.multimodal import DECODER_KEYS
 
     stand_in = lambda d: "float16" if d == "bfloat16" else d  # noqa: E731  (see the docstring)
     cfg = model.preset(preset).replace(dtype=stand_in(dtype),
@@ -76,7 +75,7 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
     mesh = sharding.make_mesh(mesh_spec, devices)
     p = sharding.make_plan(cfg, mesh, rules, batch=batch)
     params = abstract(model.param_shapes(cfg), sharding.param_shardings(cfg, mesh, rules))
-    params = {k: params[k] for k in DECODER_KEYS}
+    params = {k: params[k] for k in model.DECODER_KEYS}
     cache = jax.eval_shape(lambda: kv_cache.init_cache(cfg, batch, context))
     cache = abstract(cache, p.cache_shardings(cache))
     piece = min(prefill_chunk, context)
@@ -89,15 +88,15 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
            "params": _bytes_per_device(params), "cache": _bytes_per_device(cache)}
 
     t0 = time.perf_counter()
-    prefill = sampling.extend.lower(cfg, params, tokens((batch, piece)), tokens((batch, piece)),
-                                    cache, p).compile()
+    prefill = sampling.extend.lower(cfg, model.resolve(cfg, "prefill", p), params,
+                                    tokens((batch, piece)), tokens((batch, piece)), cache).compile()
     t1 = time.perf_counter()
     key = jax.eval_shape(lambda: jax.random.key(0))
-    state = (row(("batch", "vocab"), (batch, cfg.text.vocab_size), np.float32),
-             tokens((batch,)), cache, row(("batch",), (batch,), np.bool_), key)
+    state = sampling.DecodeState(row(("batch", "vocab"), (batch, cfg.text.vocab_size), np.float32),
+                                 tokens((batch,)), cache, row(("batch",), (batch,), np.bool_), key)
     stop = jax.ShapeDtypeStruct((len(cfg.text.eos_token_ids),), np.int32)
-    decode = sampling.decode.lower(cfg, params, state, stop, 0, steps=steps, temperature=0.0,
-                                   top_k=None, top_p=None, plan=p).compile()
+    decode = sampling.decode.lower(cfg, model.resolve(cfg, "decode", p), params, state, stop, 0,
+                                   steps=steps, temperature=0.0, top_k=None, top_p=None).compile()
     t2 = time.perf_counter()
     out["compile_s"] = {"prefill": t1 - t0, "decode": t2 - t1}
     for name, c in (("prefill", prefill), ("decode", decode)):
@@ -115,10 +114,10 @@ def arithmetic(cfg, mesh, batch: int, context: int, piece: int) -> dict:
     the largest activation of prefill: one global layer's fp32 query x key scores and the bf16
     or fp32 probabilities (the XLA attention path), over the devices that split the heads, for
     the keys scored at once: the whole cache and the piece, or one block of a cache longer than
-    DENSE_MAX_LEN slots (model/attention.py)."""
+    DENSE_MAX_LEN slots (model/kernels/attention.py)."""
     from model import kv_cache
-    from model.attention import BLOCK, DENSE_MAX_LEN
     from model.config import param_count
+    from model.kernels.attention import BLOCK, DENSE_MAX_LEN
     t = cfg.text
     size = dict(mesh.shape)
     tp, ep, fsdp = size["tensor"], size["expert"], size["fsdp"]

@@ -1,5 +1,9 @@
-"""The text decoder: embeddings, layers scanned over the repeating block (run block by block in
-the split layouts of CPU inference, model/split.py), final norm, LM head."""
+"""The text decoder: embeddings, the layers scanned over the repeating block, final norm, LM head.
+
+The stored parameters stack the `cfg.text.num_blocks` repeats of the `cfg.text.period`-layer
+pattern under "blocks", and the decoder scans over them. On one CPU device, inference reads split
+views of the same tree instead and runs the blocks one after another (runtime.py: the layouts).
+"""
 from __future__ import annotations
 
 import jax
@@ -9,38 +13,31 @@ import flax.linen as nn
 from . import kv_cache
 from .attention import Attention
 from .config import Config, LayerSpec
-from .layers import MLP, RMSNorm, constrain, param
+from .kernels import views
+from .layers import MLP, REMAT_POLICIES, RMSNorm, param
 from .moe import MoE
+from .runtime import Runtime
 
 ACTIVATION = ("batch", "seq", "act_embed")  # logical axes of the residual stream [B, T, D]
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 
 
 class DecoderLayer(nn.Module):
     cfg: Config
     spec: LayerSpec
-    moe_impl: str = "grouped"
-    fresh_cache: bool = False  # the KV cache is known to be empty (a prompt's first piece)
-    split_experts: bool = False  # each expert's weights a parameter of their own (model/split.py)
-    write_first: bool = False  # one token per row: write the cache, then read it (Attention)
+    rt: Runtime = Runtime()
 
     @nn.compact
     def __call__(self, x, positions, cache=None):  # x [B, T, D]
         t = self.cfg.text
-        x = constrain(x, ACTIVATION)
+        x = self.rt.constrain(x, ACTIVATION)
         with jax.named_scope("attention"):
             h = RMSNorm(self.cfg, t.rms_norm_eps, name="attn_norm")(x)
-            attn = Attention(self.cfg, self.spec, self.fresh_cache, self.write_first, name="attn")
-            h, new_kv = attn(h, positions, cache)
+            h, new_kv = Attention(self.cfg, self.spec, self.rt, name="attn")(h, positions, cache)
             x = x + h
         with jax.named_scope("moe" if self.spec.moe else "mlp"):
             h = RMSNorm(self.cfg, t.rms_norm_eps, name="ffn_norm")(x)
             if self.spec.moe:
-                ffn = MoE(self.cfg, self.moe_impl, self.split_experts, name="moe")
+                ffn = MoE(self.cfg, self.rt, name="moe")
             else:
                 ffn = MLP(self.cfg, t.intermediate_size_mlp, name="mlp")
             return x + ffn(h), new_kv
@@ -49,23 +46,18 @@ class DecoderLayer(nn.Module):
 class Block(nn.Module):
     """One period of the layer pattern (4 layers for Scout and Maverick); the unit of the scan."""
     cfg: Config
-    moe_impl: str = "grouped"
-    fresh_cache: bool = False
-    split_experts: bool = False
-    write_first: bool = False
+    rt: Runtime = Runtime()
 
     @nn.compact
     def __call__(self, x, positions, cache):
-        """-> (x, the new keys/values of each layer, for kv_cache.write; None without a cache).
-        `write_first`: each layer's updated cache instead."""
-        new_kv = {}
+        """-> (x, what each layer gives its cache (kernels.attention.attend); None without one)."""
+        new = {}
         for j, spec in enumerate(self.cfg.text.block_specs):
             name = f"layer_{j}"
             layer_cache = None if cache is None else cache[name]
-            layer = DecoderLayer(self.cfg, spec, self.moe_impl, self.fresh_cache,
-                                 self.split_experts, self.write_first, name=name)
-            x, new_kv[name] = layer(x, positions, layer_cache)
-        return x, (None if cache is None else new_kv)
+            x, new[name] = DecoderLayer(self.cfg, spec, self.rt, name=name)(x, positions,
+                                                                            layer_cache)
+        return x, (None if cache is None else new)
 
 
 class Embed(nn.Module):
@@ -90,13 +82,7 @@ class LMHead(nn.Module):
 
 class Decoder(nn.Module):
     cfg: Config
-    moe_impl: str = "grouped"
-    fresh_cache: bool = False  # with a cache: it is empty, so attention skips it
-    # How the parameters are laid out (model/split.py): "stacked" as stored, the blocks scanned;
-    # "blocks" / "experts", CPU inference: each block's parameters ("block_{i}"), and with
-    # "experts" each expert's weights, arrays of their own; the blocks run one by one and the
-    # cache is a tuple of per-block caches.
-    layout: str = "stacked"
+    rt: Runtime = Runtime()
 
     @nn.compact
     def __call__(self, input_ids, positions=None, embed_fn=None, cache=None,
@@ -112,35 +98,37 @@ class Decoder(nn.Module):
         x = Embed(self.cfg, name="embed")(input_ids)
         if embed_fn is not None:
             x = embed_fn(x)
-        x = constrain(x, ACTIVATION)
+        x = self.rt.constrain(x, ACTIVATION)
         block = Block
         if self.cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-        if self.layout == "stacked":
-            scanned = nn.scan(
-                block, variable_axes={"params": 0, "intermediates": 0},
-                split_rngs={"params": True}, in_axes=(nn.broadcast, 0), length=t.num_blocks,
-                metadata_params={nn.PARTITION_NAME: "layers"})
-            blocks = scanned(self.cfg, self.moe_impl, self.fresh_cache, name="blocks")
-            x, new_kv = blocks(x, positions, cache)  # the layers read the cache; written once here
+        blocks = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+                         split_rngs={"params": True}, in_axes=(nn.broadcast, 0),
+                         length=t.num_blocks, metadata_params={nn.PARTITION_NAME: "layers"})(
+                             self.cfg, self.rt, name="blocks")
+        if self.rt.layout == "stacked" or self.is_initializing():
+            x, new = blocks(x, positions, cache)  # the layers read the cache; written once here
             if cache is not None:
-                cache = {name: {n: constrain(a, kv_cache.AXES[n]) for n, a in layer.items()}
-                         for name, layer in kv_cache.write(cache, new_kv, positions).items()}
+                cache = {name: {n: self.rt.constrain(a, kv_cache.AXES[n]) for n, a in layer.items()}
+                         for name, layer in kv_cache.write(cache, new, positions).items()}
         else:
-            # One token per row overwrites no key still needed: the layers write their slot,
-            # then read the cache, and XLA updates it in place (see Attention.write_first).
-            write_first = T == 1
-            blocks = [None] * t.num_blocks if cache is None else list(cache)
-            for i in range(t.num_blocks):
-                x, new_kv = block(self.cfg, self.moe_impl, self.fresh_cache,
-                                  self.layout == "experts", write_first,
-                                  name=f"block_{i}")(x, positions, blocks[i])
-                if cache is not None:
-                    blocks[i] = new_kv if write_first else kv_cache.write(blocks[i], new_kv,
-                                                                          positions)
-            cache = None if cache is None else tuple(blocks)
+            x, cache = self._blocks_in_turn(x, positions, cache)
         if last_only:
             x = x[:, -1:]
         x = RMSNorm(self.cfg, t.rms_norm_eps, name="final_norm")(x)
         logits = LMHead(self.cfg, name="lm_head")(x).astype(jnp.float32)
-        return constrain(logits, ("batch", "seq", "vocab")), cache
+        return self.rt.constrain(logits, ("batch", "seq", "vocab")), cache
+
+    def _blocks_in_turn(self, x, positions, cache):
+        """The split layouts: the blocks one after another, each reading its own views of the
+        stored weights (the "blocks" params are `views.Parts`) and of the cache."""
+        stacked = self.variables["params"]["blocks"]
+        block = Block(self.cfg, self.rt, parent=None)
+        caches = []
+        for i in range(self.cfg.text.num_blocks):
+            block_cache = None if cache is None else views.part(cache, i)
+            x, new = block.apply({"params": views.part(stacked, i)}, x, positions, block_cache)
+            if cache is not None:
+                caches.append(new if self.rt.writes_cache_in_layers
+                              else kv_cache.write(block_cache, new, positions))
+        return x, (views.join(caches) if cache is not None else None)

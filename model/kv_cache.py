@@ -10,12 +10,11 @@ those positions, so left-padded rows of a batch behave exactly like unpadded pro
 with S = C for chunked layers and S = max_len for global ones; nb = cfg.text.num_blocks. The
 slots sit next to head_dim so that both attention products read the buffers as they lie (batch
 dims B, K leading), with no transpose of the whole cache at every decode step. The split
-layouts of CPU inference (model/split.py) keep it as a tuple of nb such dicts without the nb
-axis (`split`), so that each block updates buffers of its own in place.
+layouts of CPU inference hold each leaf's nb axis as separate buffers (`Runtime.view_cache`,
+kernels/views.py), so that each block updates buffers of its own in place.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from .config import Config, LayerSpec
@@ -56,8 +55,8 @@ def write(cache, new, positions):
     written): new = {"layer_{j}": {"k": [nb, B, T, K, H], "v": [nb, B, T, K, H]}}, as the layer
     scan yields them. The layers only read the cache and the writing happens here, once, in
     place: had each layer returned its updated buffers, the scan would copy the whole cache at
-    every decode step. One block's cache of the split layouts (`split`) and its new keys go
-    without the nb axis (a block of prompt tokens, written after the block has read the cache)."""
+    every decode step. One block's cache of the split layouts and its new keys go without the nb
+    axis (a block of prompt tokens, written after the block has read the cache)."""
     return {name: write_layer(layer, new[name]["k"], new[name]["v"], positions)
             for name, layer in cache.items()}
 
@@ -81,10 +80,3 @@ def write_layer(layer, k, v, positions):
     out["pos"] = layer["pos"].at[..., b, slot].set(
         jnp.broadcast_to(positions, (*stacked, *positions.shape)), mode="drop")
     return out
-
-
-def split(cache):
-    """The cache as a tuple of per-block caches, arrays without the leading nb axis: the cache
-    of the split layouts (model/split.py), whose blocks read and write buffers of their own."""
-    nb = next(iter(cache.values()))["pos"].shape[0]
-    return tuple(jax.tree.map(lambda a: a[i], cache) for i in range(nb))

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from .config import Config
+
 
 INIT_STD = 0.02
 NORMAL = nn.initializers.normal(stddev=INIT_STD)  # every weight's initializer
@@ -19,7 +21,18 @@ _INITIALIZERS = contextvars.ContextVar("param_initializers", default=None)
 
 def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
           init=NORMAL):
-    """Declare a parameter with its logical axis names (mapped to mesh axes only in sharding/)."""
+    """Declare a parameter with its logical axis names (mapped to mesh axes only in sharding/).
+
+    When applied, the leaf given is returned as it is: an array, or a split view of one
+    (kernels/views.py `Parts`, which Flax's own check would take for a tree of arrays), after
+    checking its shape against the declaration."""
+    if module.has_variable("params", name):
+        value = nn.unbox(module.get_variable("params", name))
+        if tuple(value.shape) != tuple(shape):
+            where = "/".join((*module.scope.path, name))
+            raise ValueError(f"parameter {where} has shape {tuple(value.shape)}; the config "
+                             f"declares {tuple(shape)}")
+        return value
     noted = _INITIALIZERS.get()
     if noted is not None:
         noted[(*module.scope.path, name)] = init
@@ -38,40 +51,11 @@ def noting_initializers():
         _INITIALIZERS.reset(token)
 
 
-# The sharding plan (built by sharding/) in force while a sharded function is traced; None: one
-# device. The model names only logical axes; the plan maps them to mesh axes.
-_PLAN = contextvars.ContextVar("sharding_plan", default=None)
-
-
-@contextlib.contextmanager
-def sharding_plan(plan):
-    """Trace the model under `plan` (None: no sharding). Set it inside the jitted function, with
-    the plan a static argument, so that the compiled program and the plan always agree."""
-    token = _PLAN.set(plan)
-    try:
-        yield
-    finally:
-        _PLAN.reset(token)
-
-
-def current_plan():
-    return _PLAN.get()
-
-
-def place_on_mesh(cfg, params, batch: int, mesh, rules="combined"):
-    """(plan, params) for a batch of `batch` rows on `mesh`, built by sharding/ (params already
-    placed by sharding.shard_params stay where they are); (None, params) when mesh is None."""
-    if mesh is None:
-        return None, params
-    import sharding  # the mesh rules live there: model code names no mesh axis
-    plan = sharding.make_plan(cfg, mesh, rules, batch=batch)
-    return plan, sharding.shard_params(cfg, params, mesh, rules)
-
-
-def constrain(x, axes: tuple[str | None, ...]):
-    """Pin activation x to logical axes (with_sharding_constraint); a no-op without a plan."""
-    plan = _PLAN.get()
-    return x if plan is None else plan.constrain(x, axes)
+# How each layer block is rematerialised in training (Config.remat), decoder and vision alike.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
 
 
 def rms_normalize(x, eps: float):
@@ -81,7 +65,7 @@ def rms_normalize(x, eps: float):
 
 
 class RMSNorm(nn.Module):
-    cfg: object
+    cfg: Config
     eps: float
 
     @nn.compact
@@ -92,7 +76,7 @@ class RMSNorm(nn.Module):
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); the dense FFN and the always-on shared expert."""
-    cfg: object
+    cfg: Config
     hidden: int
 
     @nn.compact
@@ -101,7 +85,7 @@ class MLP(nn.Module):
         wi_gate = param(self, "wi_gate", (D, F), ("embed", "mlp"))
         wi_up = param(self, "wi_up", (D, F), ("embed", "mlp"))
         wo = param(self, "wo", (F, D), ("mlp", "embed"))
-        return swiglu(x, wi_gate, wi_up, wo)
+        return swiglu(x, *(w.astype(x.dtype) for w in (wi_gate, wi_up, wo)))
 
 
 def merge_heads(x, w):
@@ -111,10 +95,9 @@ def merge_heads(x, w):
     return jnp.tensordot(x, w.astype(x.dtype), axes=2)
 
 
-def swiglu(x, wi_gate, wi_up, wo):
-    """down(silu(x @ gate) * (x @ up)) for x [..., D], weights [D, F], [D, F], [F, D], computed
-    in x's dtype."""
-    dt = x.dtype
-    h = jax.nn.silu(jnp.einsum("...D,DF->...F", x, wi_gate.astype(dt)))
-    h = h * jnp.einsum("...D,DF->...F", x, wi_up.astype(dt))
-    return jnp.einsum("...F,FD->...D", h, wo.astype(dt))
+def swiglu(x, wi_gate, wi_up, wo, matmul=jnp.matmul):
+    """down(silu(x @ gate) * (x @ up)) for x [..., D], weights [D, F], [D, F], [F, D]: the dense
+    FFN and the shared expert; with a grouped or batched `matmul` (model/kernels/experts.py),
+    every routed expert."""
+    h = jax.nn.silu(matmul(x, wi_gate)) * matmul(x, wi_up)
+    return matmul(h, wo)

@@ -7,16 +7,11 @@ tokens first), as HF's `masked_scatter` does. Rows may therefore carry different
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .config import Config
-from .decoder import Decoder
-from .layers import place_on_mesh, sharding_plan
-from .split import for_inference
 from .vision import VisionTower, check_config, tokens_per_tile
 
 DECODER_KEYS = ("embed", "blocks", "final_norm", "lm_head")
@@ -46,18 +41,6 @@ def image_features(cfg: Config, params, pixel_values):
     """[tiles, S, S, 3] -> [tiles * tokens_per_tile, D]: what fills the <|patch|> positions."""
     feats = VisionTower(cfg).apply({"params": {k: params[k] for k in VISION_KEYS}}, pixel_values)
     return feats.reshape(-1, feats.shape[-1])
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "moe_impl", "plan", "layout"))
-def _forward(cfg: Config, params, input_ids, pixel_values, moe_impl: str, plan=None,
-             layout="stacked"):
-    with sharding_plan(plan):
-        feats = image_features(cfg, params, pixel_values)
-        embed_fn = functools.partial(splice, input_ids=input_ids, features=feats,
-                                     image_token_id=cfg.image_token_id)
-        logits, _ = Decoder(cfg, moe_impl, layout=layout).apply(
-            {"params": decoder_params(params)}, input_ids, embed_fn=embed_fn)
-    return logits
 
 
 def check_pixel_values(cfg: Config, pixel_values) -> None:
@@ -101,18 +84,3 @@ def check_image_tokens(cfg: Config, input_ids, pixel_values) -> None:
         raise ValueError(f"image tokens and image features do not match: input_ids hold {n_tok} "
                          f"image tokens {tag}, pixel_values give {n_feat} features "
                          f"({pixel_values.shape[0]} tiles x {per_tile})")
-
-
-def forward(cfg: Config, params, input_ids, pixel_values, moe_impl: str = "grouped", mesh=None,
-            rules="combined"):
-    """Logits [B, T, V] with the image features spliced in; inputs are checked first."""
-    pixel_values = jnp.asarray(pixel_values)
-    check_pixel_values(cfg, pixel_values)
-    check_image_tokens(cfg, input_ids, pixel_values)
-    plan, params = place_on_mesh(cfg, params, input_ids.shape[0], mesh, rules)
-    if plan is not None:
-        input_ids = plan.put(input_ids, ("batch", "seq"), "input_ids")
-    if plan is not None:
-        pixel_values = plan.put(pixel_values, (None,) * 4, "pixel_values")
-    layout, params = for_inference(cfg, params, plan, "blocks")
-    return _forward(cfg, params, input_ids, pixel_values, moe_impl, plan, layout)

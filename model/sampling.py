@@ -9,38 +9,42 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import kv_cache, multimodal
+from . import kv_cache, multimodal, runtime
 from .config import Config
 from .decoder import Decoder
-from .layers import place_on_mesh, sharding_plan
-from .split import for_inference
+from .runtime import Runtime
 
 BUCKET = 32
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "plan", "fresh", "layout", "last_only"),
+class DecodeState(NamedTuple):
+    """What decoding carries from one step to the next (a pytree)."""
+    logits: jax.Array      # [B, V] of each row's last token
+    positions: jax.Array   # [B] where each row's next token goes
+    cache: dict            # model.kv_cache, as the runtime's layout holds it
+    done: jax.Array        # [B] the row has emitted a stop token
+    key: jax.Array         # PRNG key for sampling
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "rt", "last_only"),
                    donate_argnames=("cache",))
-def extend(cfg: Config, params, ids, positions, cache, plan=None, image=None, fresh=False,
-           layout="stacked", last_only=False):
+def extend(cfg: Config, rt: Runtime, params, ids, positions, cache, image=None,
+           last_only: bool = False):
     """Run tokens ids [B, T] at positions [B, T] through the model, appending to the cache.
     Returns (logits [B, T, V], or [B, 1, V] for the last position with `last_only`, cache).
-    `plan`: a sharding.Plan, or None on one device.
-    `image` = (mask [B, T], features [B, T, D]): embeddings replaced where mask is set.
-    `fresh`: the cache is still empty (attention then skips its slots).
-    `layout`: of the params and the cache (model/split.py); "stacked", as stored, or the
-    params split by `split_params` and the cache by `kv_cache.split`."""
+    `params` and `cache` as `rt` reads them (`rt.view_params`, `rt.view_cache`).
+    `image` = (mask [B, T], features [B, T, D]): embeddings replaced where mask is set."""
     embed_fn = None
     if image is not None:
         embed_fn = lambda x: jnp.where(image[0][..., None], image[1].astype(x.dtype), x)  # noqa: E731
-    with sharding_plan(plan):
-        decoder = Decoder(cfg, fresh_cache=fresh, layout=layout)
-        return decoder.apply({"params": multimodal.decoder_params(params)}, ids, positions,
-                             embed_fn=embed_fn, cache=cache, last_only=last_only)
+    return Decoder(cfg, rt).apply({"params": multimodal.decoder_params(params)}, ids, positions,
+                                  embed_fn=embed_fn, cache=cache, last_only=last_only)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -69,32 +73,30 @@ def sample(logits, key, temperature, top_k: int | None, top_p: float | None):
     return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps", "temperature", "top_k", "top_p", "plan",
-                                             "layout"),
+@functools.partial(jax.jit, static_argnames=("cfg", "rt", "steps", "temperature", "top_k",
+                                             "top_p"),
                    donate_argnames=("state",))  # the cache is updated in place, not copied
-def decode(cfg: Config, params, state, stop_tokens, pad_id, *, steps: int, temperature: float,
-           top_k: int | None, top_p: float | None, plan=None, layout: str = "stacked"):
-    """Sample up to `steps` tokens. state = (logits [B, V] of each row's last token, next
-    positions [B], cache, done [B], key). Returns (tokens [B, steps] with pad_id after a row
-    stops, new state) so that calls can be chained to stream. `layout`: as for `extend`."""
-    B = state[0].shape[0]
-    decoder = Decoder(cfg, layout=layout)
+def decode(cfg: Config, rt: Runtime, params, state: DecodeState, stop_tokens, pad_id, *,
+           steps: int, temperature: float, top_k: int | None, top_p: float | None):
+    """Sample up to `steps` tokens. Returns (tokens [B, steps] with pad_id after a row stops,
+    new state), so that calls can be chained to stream. `params` as `rt` reads them."""
+    B = state.logits.shape[0]
+    decoder = Decoder(cfg, rt)
     params = multimodal.decoder_params(params)
 
     def cond(carry):
-        i, _, (_, _, _, done, _) = carry
-        return (i < steps) & ~jnp.all(done)
+        i, _, s = carry
+        return (i < steps) & ~jnp.all(s.done)
 
     def body(carry):
-        i, out, (logits, pos, cache, done, key) = carry
-        key, sub = jax.random.split(key)
-        tok = jnp.where(done, pad_id, sample(logits, sub, temperature, top_k, top_p))
+        i, out, s = carry
+        key, sub = jax.random.split(s.key)
+        tok = jnp.where(s.done, pad_id, sample(s.logits, sub, temperature, top_k, top_p))
         out = out.at[:, i].set(tok)
-        done = done | jnp.isin(tok, stop_tokens)
-        with sharding_plan(plan):
-            logits, cache = decoder.apply({"params": params}, tok[:, None], pos[:, None],
-                                          cache=cache)
-        return i + 1, out, (logits[:, -1], pos + 1, cache, done, key)
+        done = s.done | jnp.isin(tok, stop_tokens)
+        logits, cache = decoder.apply({"params": params}, tok[:, None], s.positions[:, None],
+                                      cache=s.cache)
+        return i + 1, out, DecodeState(logits[:, -1], s.positions + 1, cache, done, key)
 
     out = jnp.full((B, steps), pad_id, jnp.int32)
     _, out, state = jax.lax.while_loop(cond, body, (0, out, state))
@@ -112,13 +114,14 @@ def _as_rows(input_ids) -> list[list[int]]:
 
 
 def prefill(cfg: Config, params, input_ids: Sequence[Sequence[int]] | np.ndarray, *,
-            max_new_tokens: int, seed: int | jax.Array = 0, prefill_chunk: int = 512, mesh=None,
-            rules="combined", pixel_values=None):
+            max_new_tokens: int, seed: int | jax.Array = 0, prefill_chunk: int = 512,
+            pixel_values=None, mesh=None, rules="combined", experts: str | None = None,
+            layout: str | None = None) -> tuple[np.ndarray, DecodeState]:
     """Check and left-pad the prompts, run them through the model in pieces of `prefill_chunk`
     tokens, and return (prompts [B, T] left-padded, decode state). With a `mesh` the params,
-    cache and state are placed on it (see sharding/); on one CPU device the state's cache is
-    split by blocks (`kv_cache.split`). pixel_values [tiles, S, S, 3]: the tiles of every image
-    of every row, in order (see `model.image_processing.build_inputs`)."""
+    cache and state are placed on it (see sharding/). pixel_values [tiles, S, S, 3]: the tiles
+    of every image of every row, in order (see `model.image_processing.build_inputs`).
+    `experts`, `layout`: override the runtime's choice (runtime.resolve)."""
     t = cfg.text
     rows = _as_rows(input_ids)
     if max_new_tokens < 1:
@@ -143,54 +146,54 @@ def prefill(cfg: Config, params, input_ids: Sequence[Sequence[int]] | np.ndarray
     for b, r in enumerate(rows):
         ids[b, T_pad - len(r):] = r
         positions[b, T_pad - len(r):] = np.arange(len(r))
-    plan, params = place_on_mesh(cfg, params, len(rows), mesh, rules)
-    put = (lambda x, axes: x) if plan is None else plan.put  # noqa: E731
-    max_len = _round_up(T + max_new_tokens, BUCKET)
-    cache = (kv_cache.init_cache(cfg, len(rows), max_len) if plan is None
-             else plan.init_cache(cfg, len(rows), max_len))
-    # On one CPU device the weights are read where they lie (model/split.py): prefill by blocks,
-    # decoding by experts; the cache stays split by blocks from here on.
-    layout, laid_out = for_inference(cfg, params, plan, "blocks")
-    if layout != "stacked":
-        cache = kv_cache.split(cache)
-    image = None
     if pixel_values is not None:
         pixel_values = jnp.asarray(pixel_values)
         multimodal.check_pixel_values(cfg, pixel_values)
     multimodal.check_image_tokens(cfg, ids, pixel_values)
+    placement, params = runtime.place(cfg, params, len(rows), mesh, rules)
+    rt = runtime.resolve(cfg, "prefill", placement, experts=experts, layout=layout)
+    put = (lambda x, axes: x) if placement is None else placement.put  # noqa: E731
+    max_len = _round_up(T + max_new_tokens, BUCKET)
+    cache = (kv_cache.init_cache(cfg, len(rows), max_len) if placement is None
+             else placement.init_cache(cfg, len(rows), max_len))
+    image = None
     if pixel_values is not None:
         image = _image_embeddings(cfg, params, ids, pixel_values)
+    cache, viewed = rt.view_cache(cache), rt.view_params(params)
     for s in range(0, T_pad, piece):
         piece_image = None if image is None else (
             put(image[0][:, s:s + piece], ("batch", "seq")),
             put(image[1][:, s:s + piece], ("batch", "seq", "act_embed")))
-        logits, cache = extend(cfg, laid_out, put(ids[:, s:s + piece], ("batch", "seq")),
-                               put(positions[:, s:s + piece], ("batch", "seq")), cache, plan,
-                               piece_image, fresh=s == 0, layout=layout,
-                               last_only=s + piece == T_pad)
+        logits, cache = extend(cfg, rt.replace(cache_empty=s == 0), viewed,
+                               put(ids[:, s:s + piece], ("batch", "seq")),
+                               put(positions[:, s:s + piece], ("batch", "seq")), cache,
+                               piece_image, last_only=s + piece == T_pad)
     key = jax.random.key(seed) if isinstance(seed, int) else seed
-    state = (logits[:, -1], put(jnp.asarray(positions[:, -1] + 1), ("batch",)), cache,
-             put(jnp.zeros((len(rows),), bool), ("batch",)), key)
+    state = DecodeState(logits[:, -1], put(jnp.asarray(positions[:, -1] + 1), ("batch",)), cache,
+                        put(jnp.zeros((len(rows),), bool), ("batch",)), key)
     return ids[:, T_pad - T:], state
 
 
-def decode_stream(cfg: Config, params, state, *, max_new_tokens: int, temperature: float = 0.0,
-                  top_k: int | None = None, top_p: float | None = None,
+def decode_stream(cfg: Config, params, state: DecodeState, *, max_new_tokens: int,
+                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                   stop_tokens: Sequence[int] | None = None, stream_every: int | None = None,
-                  mesh=None, rules="combined") -> Iterator[np.ndarray]:
+                  mesh=None, rules="combined", experts: str | None = None,
+                  layout: str | None = None) -> Iterator[np.ndarray]:
     """New tokens [B, n] every `stream_every` tokens (all at once when None), until
-    max_new_tokens or every row has stopped. `mesh`, `rules`: as given to `prefill`."""
-    plan, params = place_on_mesh(cfg, params, state[0].shape[0], mesh, rules)
-    layout, params = for_inference(cfg, params, plan, "experts")
-    stop = list(cfg.text.eos_token_ids if stop_tokens is None else stop_tokens) or [-1]
+    max_new_tokens or every row has stopped. `mesh`, `rules`, `experts`, `layout`: as given to
+    `prefill` (the state's cache is brought to the decoding layout once)."""
+    placement, params = runtime.place(cfg, params, state.logits.shape[0], mesh, rules)
+    rt = runtime.resolve(cfg, "decode", placement, experts=experts, layout=layout)
+    params, state = rt.view_params(params), state._replace(cache=rt.view_cache(state.cache))
+    stop = jnp.asarray(list(cfg.text.eos_token_ids if stop_tokens is None else stop_tokens)
+                       or [-1], jnp.int32)
     every = stream_every or max_new_tokens
     for done_so_far in range(0, max_new_tokens, every):
         steps = min(every, max_new_tokens - done_so_far)
-        new, state = decode(cfg, params, state, jnp.asarray(stop, jnp.int32), _pad_id(cfg),
-                            steps=steps, temperature=float(temperature), top_k=top_k, top_p=top_p,
-                            plan=plan, layout=layout)
+        new, state = decode(cfg, rt, params, state, stop, _pad_id(cfg), steps=steps,
+                            temperature=float(temperature), top_k=top_k, top_p=top_p)
         yield np.asarray(new)
-        if bool(jnp.all(state[3])):
+        if bool(jnp.all(state.done)):
             return
 
 
@@ -202,15 +205,21 @@ def _pad_id(cfg: Config) -> int:
     return cfg.text.pad_token_id if cfg.text.pad_token_id is not None else 0
 
 
-def generate(cfg: Config, params, input_ids, *, max_new_tokens: int, **kw) -> np.ndarray:
+def generate(cfg: Config, params, input_ids, *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | jax.Array = 0,
+             stop_tokens: Sequence[int] | None = None, prefill_chunk: int = 512,
+             pixel_values=None, mesh=None, rules="combined", experts: str | None = None,
+             layout: str | None = None) -> np.ndarray:
     """Prompt followed by up to max_new_tokens new tokens: [B, T + N], rows left-padded with the
     pad id to the longest prompt and right-padded after a stop token (eos, eom, eot by default).
-    Keywords: temperature (0: greedy), top_k, top_p, seed, stop_tokens, prefill_chunk,
-    pixel_values (images, as for `model.forward`); mesh and rules run it sharded (sharding/)."""
-    prefill_kw = {k: kw.pop(k) for k in ("seed", "prefill_chunk", "pixel_values") if k in kw}
-    prefill_kw.update({k: kw[k] for k in ("mesh", "rules") if k in kw})
-    prompts, state = prefill(cfg, params, input_ids, max_new_tokens=max_new_tokens, **prefill_kw)
-    new = list(decode_stream(cfg, params, state, max_new_tokens=max_new_tokens, **kw))
+    temperature 0 is greedy; pixel_values are images, as for `model.forward`; mesh and rules run
+    it sharded (sharding/); experts and layout override the runtime's choice (runtime.resolve)."""
+    shared = dict(mesh=mesh, rules=rules, experts=experts, layout=layout)
+    prompts, state = prefill(cfg, params, input_ids, max_new_tokens=max_new_tokens, seed=seed,
+                             prefill_chunk=prefill_chunk, pixel_values=pixel_values, **shared)
+    new = list(decode_stream(cfg, params, state, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, top_p=top_p,
+                             stop_tokens=stop_tokens, **shared))
     out = np.concatenate([prompts, *new], axis=1)
     full = prompts.shape[1] + max_new_tokens
     return np.pad(out, [(0, 0), (0, full - out.shape[1])], constant_values=_pad_id(cfg))

@@ -1,6 +1,6 @@
 """The Llama 4 vision tower: 336-pixel tiles in, one text-width embedding per <|patch|> token out.
 
-Per tile (LLAMA4.md section 4; HF `Llama4VisionModel`, Meta `VisionEncoder`):
+Per tile (HF `Llama4VisionModel`, Meta `VisionEncoder`):
   unfold 14x14 patches (channel order c, kh, kw) -> one linear map -> append the class token LAST
   -> + learned positions (last row: class token) -> LayerNorm -> Lv pre-LN ViT blocks
   (bidirectional attention with biases and 2-D RoPE; exact-erf GELU MLP) -> LayerNorm
@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from .config import Config, ConfigError, VisionConfig
-from .decoder import REMAT_POLICIES
-from .layers import merge_heads, param
+from .layers import REMAT_POLICIES, merge_heads, param
 from .rope import rotate_by_angles, vision_angles
 
 _zeros = nn.initializers.zeros

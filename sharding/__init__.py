@@ -19,9 +19,7 @@ Multi-host (one process per host, every process runs the same program):
 
 `initialize(coordinator_address, num_processes, process_id)` takes them as arguments or from
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; with none of those, JAX detects
-the cluster itself. A script adds --coordinator/--num-processes/--process-id/--distributed with
-`sharding.add_flags(parser)` and calls `sharding.initialize_from_flags(args)` first thing (it
-does nothing for a single-process run).
+the cluster itself. A script calls it first thing (a single-process run does not call it).
 - Multi-node GPU cluster (say 2 hosts x 8 H100): under SLURM, `srun --ntasks-per-node=1 python
   -m experiments.generate ...` needs no flags (JAX reads SLURM's variables and uses all 8 local
   GPUs per process). Elsewhere start one process per host with JAX_COORDINATOR_ADDRESS=host0:1234
@@ -41,9 +39,13 @@ does nothing for a single-process run).
 """
 from __future__ import annotations
 
-from .mesh import (AXES, ShardingError, add_flags, initialize, initialize_from_flags, make_mesh,
-                   parse_mesh)
-from .rules import RULES, Plan, make_plan, param_shardings, rules_table, shard_params
+import model.runtime
+
+from .mesh import AXES, ShardingError, initialize, make_mesh, parse_mesh
+from .rules import RULES, Plan, make_plan, param_shardings, place, rules_table, shard_params
+
+# model.forward / model.generate(..., mesh=...) place params and build the plan through this.
+model.runtime.set_placer(place)
 
 
 def load(path, mesh, rules="combined", dtype=None):
@@ -53,6 +55,5 @@ def load(path, mesh, rules="combined", dtype=None):
                             shardings=lambda cfg: param_shardings(cfg, mesh, rules))
 
 
-__all__ = ["AXES", "Plan", "RULES", "ShardingError", "add_flags", "initialize",
-           "initialize_from_flags", "load", "make_mesh", "make_plan", "param_shardings",
-           "parse_mesh", "rules_table", "shard_params"]
+__all__ = ["AXES", "Plan", "RULES", "ShardingError", "initialize", "load", "make_mesh",
+           "make_plan", "param_shardings", "parse_mesh", "place", "rules_table", "shard_params"]

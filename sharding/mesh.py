@@ -94,25 +94,3 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise ShardingError(f"process id {process_id} is not in 0..{num_processes - 1}")
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                local_device_ids=local_device_ids)
-
-
-def add_flags(parser) -> None:
-    """--coordinator/--num-processes/--process-id (or --distributed to let JAX detect the cluster)
-    for a script's argparse parser; `initialize_from_flags(args)` then starts the job."""
-    g = parser.add_argument_group("multi-host (see sharding/__init__.py)")
-    g.add_argument("--coordinator", help="host:port of process 0 [JAX_COORDINATOR_ADDRESS]")
-    g.add_argument("--num-processes", type=int, help="processes in the job [JAX_NUM_PROCESSES]")
-    g.add_argument("--process-id", type=int, help="this process, from 0 [JAX_PROCESS_ID]")
-    g.add_argument("--distributed", action="store_true",
-                   help="join a multi-process job detected by JAX (SLURM, Open MPI, TPU pod)")
-
-
-def initialize_from_flags(args) -> bool:
-    """Join the job the flags or JAX_* variables describe; False (single process) when none do."""
-    given = (args.coordinator, args.num_processes, args.process_id)
-    env = any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
-                                          "JAX_PROCESS_ID"))
-    if not (args.distributed or env or any(x is not None for x in given)):
-        return False
-    initialize(*given)
-    return True

@@ -31,8 +31,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import model
 from model import kv_cache
 from model.config import Config
+from model.decoder import ACTIVATION
 
 from .mesh import AXES, ShardingError
+from .moe import expert_parallel
 
 BATCH = ("data", "fsdp", "expert")
 _FSDP = {"embed": ("fsdp",), "vision_embed": ("fsdp",)}
@@ -47,11 +49,18 @@ RULES: dict[str, dict[str, tuple[str, ...]]] = {
     "combined": {"batch": BATCH, **_FSDP, **_TENSOR, **_EXPERT},
 }
 
-# Every logical axis the model uses: parameters (model.param_axes) and pinned activations.
-LOGICAL = {"layers", "embed", "heads", "kv_heads", "head_dim", "mlp", "experts", "vocab",
-           "vision_embed", "vision_heads", "vision_head_dim", "vision_mlp", "vision_patch",
-           "vision_tokens", "vision_shuffled", "vision_adapter", "vision_out",
-           "batch", "seq", "act_embed", "cache_seq"}
+
+@lru_cache(maxsize=1)
+def logical_axes() -> frozenset[str]:
+    """Every logical axis the model names: its parameters' (as declared, for a model with every
+    kind of layer and a vision tower), the residual stream's and the KV cache's."""
+    every_kind = model.tiny(moe_layers=(1, 3)).replace(vision=model.VisionConfig(
+        image_size=8, patch_size=4, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8,
+        projector_input_dim=8, projector_output_dim=8, vision_output_dim=8))
+    declared = model.param_axes(every_kind)
+    params = {a for spec in jax.tree.leaves(declared, is_leaf=lambda x: isinstance(x, P))
+              for a in spec if a is not None}
+    return frozenset(params | set(ACTIVATION) | {a for axes in kv_cache.AXES.values() for a in axes})
 
 
 def rules_table(rules: str | dict) -> dict[str, tuple[str, ...]]:
@@ -63,9 +72,9 @@ def rules_table(rules: str | dict) -> dict[str, tuple[str, ...]]:
     table = {}
     for logical, mesh_axes in rules.items():
         mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-        if logical not in LOGICAL:
+        if logical not in logical_axes():
             raise ShardingError(f"rules: unknown logical axis {logical!r}; the model uses "
-                                f"{sorted(LOGICAL)}")
+                                f"{sorted(logical_axes())}")
         bad = [a for a in mesh_axes if a not in AXES]
         if bad or len(set(mesh_axes)) != len(mesh_axes):
             raise ShardingError(f"rules: {logical!r} -> {mesh_axes}: mesh axes must be distinct "
@@ -147,8 +156,9 @@ def batch_axes(mesh: Mesh, table, batch: int | None) -> tuple[str, ...]:
 class Plan:
     """A mesh, a resolved rules table and the batch split: what a sharded trace needs.
 
-    Hashable, so it is a static argument of the jitted model functions; inside them it is
-    installed with `model.layers.sharding_plan`, and the model calls `constrain` and `experts`.
+    Hashable, so it is a static argument of the jitted model functions: the model's Runtime
+    carries it as its placement (model.runtime.Placement) and calls `constrain` and
+    `dispatch_experts`.
     """
     mesh: Mesh
     table: tuple[tuple[str, tuple[str, ...]], ...]
@@ -170,9 +180,8 @@ class Plan:
     def constrain(self, x, logical):
         return jax.lax.with_sharding_constraint(x, self.sharding(logical, x.shape, "activation"))
 
-    def experts(self, x, top_ids, scores, wi_gate, wi_up, wo):
-        from .moe import expert_parallel
-        return expert_parallel(self, x, top_ids, scores, wi_gate, wi_up, wo)
+    def dispatch_experts(self, body, xs, ids, wi_gate, wi_up, wo):
+        return expert_parallel(self, body, xs, ids, wi_gate, wi_up, wo)
 
     def put(self, x, logical, what: str = "array"):
         """Host or device data -> a global array split as `logical` says (every process passes
@@ -214,6 +223,12 @@ def shard_params(cfg: Config, params, mesh: Mesh, rules="combined"):
         if extra:
             raise ShardingError(f"params hold {extra}, which this config does not declare")
     return jax.tree.map(_put, params, shardings)
+
+
+def place(cfg: Config, params, batch: int, mesh: Mesh, rules="combined"):
+    """(plan, params placed) for a batch of `batch` rows on `mesh` (params already placed so stay
+    where they are): what model.forward and model.generate run a mesh with."""
+    return make_plan(cfg, mesh, rules, batch=batch), shard_params(cfg, params, mesh, rules)
 
 
 def _put(x, sharding: NamedSharding):

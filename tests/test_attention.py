@@ -1,12 +1,14 @@
-"""Attention kernels: the blockwise and chunked paths against a plain masked softmax."""
+"""Attention kernels (model/kernels/attention.py): the blockwise, chunked and cached paths against a
+plain masked softmax; temperature tuning and RoPE scaling against the documented values."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import attention as A
-from model.rope import inv_frequencies
+from model.attention import temperature_scale
 from model.config import RopeScaling
+from model.kernels import attention as A
+from model.rope import inv_frequencies
 
 
 def _reference(q, k, v, allowed):  # allowed [T, S] bool
@@ -51,7 +53,7 @@ def test_chunked_attention_never_builds_a_txt_buffer():
 
 def test_temperature_scale_steps_at_the_documented_position():
     # LLAMA4.md: 1.0 up to p = 8190, then 1 + 0.1 ln 2 from p = 8191.
-    s = A.temperature_scale(jnp.array([0, 8190, 8191, 16382, 16383]), 8192.0, 0.1)
+    s = temperature_scale(jnp.array([0, 8190, 8191, 16382, 16383]), 8192.0, 0.1)
     np.testing.assert_allclose(s, [1, 1, 1 + 0.1 * np.log(2), 1 + 0.1 * np.log(2),
                                    1 + 0.1 * np.log(3)], rtol=1e-6)
 

@@ -1,7 +1,5 @@
 """Inference: cached decode against the full forward, greedy generation against HF `generate`,
 ragged batches against one prompt at a time, and bad input."""
-import functools
-
 import jax
 import numpy as np
 import pytest
@@ -9,14 +7,12 @@ import torch
 
 import model
 from experiments.hf_reference import hf_text_model, params_from_hf
-from model import attention, kv_cache, sampling
+from model import kv_cache, sampling
+from tests.hf_models import text
 
 # Chunks of 8 and temperature tuning stepping every 4 positions: a 40-token run crosses both
 # several times. The HF side stops at eos_token_id 2 like ours.
-HF = dict(vocab_size=97, hidden_size=32, intermediate_size=16, intermediate_size_mlp=48,
-          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-          num_local_experts=4, attention_chunk_size=8, floor_scale=4, eos_token_id=2,
-          pad_token_id=0, bos_token_id=1)
+HF = text(vocab_size=97)
 
 
 @pytest.fixture(scope="module", params=["scout_like", "maverick_like"])
@@ -27,14 +23,16 @@ def pair(request):
     return hf, cfg, params
 
 
-def _cached_equals_full_forward(cfg, params):
+def _cached_equals_full_forward(cfg, params, **kernel):
     ids = np.random.default_rng(0).integers(3, 97, (2, 37))
     full = np.asarray(model.forward(cfg, params, ids))
     cache = kv_cache.init_cache(cfg, 2, 37)
     pos = np.broadcast_to(np.arange(37), (2, 37))
     got, s = [], 0
     for n in (11, 5, 1, 1, 8, 11):  # uneven prefill pieces, then single-token steps
-        logits, cache = sampling.extend(cfg, params, ids[:, s:s + n], pos[:, s:s + n], cache)
+        rt = model.resolve(cfg, "decode" if n == 1 else "prefill", layout="stacked")
+        logits, cache = sampling.extend(cfg, rt.replace(**kernel), params, ids[:, s:s + n],
+                                        pos[:, s:s + n], cache)
         got.append(np.asarray(logits))
         s += n
     got = np.concatenate(got, axis=1)
@@ -46,17 +44,11 @@ def test_cached_decode_equals_full_forward(pair):
     _cached_equals_full_forward(cfg, params)
 
 
-def test_cache_read_in_blocks_equals_full_forward(pair, monkeypatch):
-    """Caches longer than DENSE_MAX_LEN slots are read block by block; forced here with blocks
-    of 5 over 37 slots (8 in the ring buffers)."""
+def test_cache_read_in_blocks_equals_full_forward(pair):
+    """Caches longer than the runtime's dense_max_len slots are read block by block; here with
+    blocks of 5 over 37 slots (8 in the ring buffers)."""
     _, cfg, params = pair
-    monkeypatch.setattr(attention, "cached_attention", functools.partial(
-        attention.cached_attention, dense_max_len=4, block=5))
-    jax.clear_caches()  # extend was compiled with the dense reads
-    try:
-        _cached_equals_full_forward(cfg, params)
-    finally:
-        jax.clear_caches()
+    _cached_equals_full_forward(cfg, params, dense_max_len=4, block=5)
 
 
 def test_greedy_equals_hf_generate(pair):

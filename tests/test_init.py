@@ -6,13 +6,11 @@ import pytest
 
 import model
 from model import layers
+from tests.hf_models import multimodal_config
 
 
 def _vision_config():
-    vision = model.VisionConfig(image_size=32, patch_size=4, hidden_size=32, num_layers=1,
-                                num_heads=4, intermediate_size=128, projector_input_dim=48,
-                                projector_output_dim=48, vision_output_dim=48)
-    return model.Config(text=model.tiny().text, vision=vision, image_token_id=5)
+    return multimodal_config(num_hidden_layers=1)
 
 
 def test_each_leaf_follows_its_declared_initializer():
@@ -36,6 +34,6 @@ def test_each_leaf_follows_its_declared_initializer():
 
 
 def test_an_initializer_without_a_draw_is_an_error(monkeypatch):
-    monkeypatch.setattr(model, "_KINDS", {layers.NORMAL: "normal"})  # ones unknown: norm scales
+    monkeypatch.setattr(model.params, "_KINDS", {layers.NORMAL: "normal"})  # ones unknown: norm scales
     with pytest.raises(ValueError, match="scale: no draw for its initializer"):
         model.init_params(model.tiny(), jax.random.key(0))

@@ -16,7 +16,7 @@ from model.attention import Attention
 from model.layers import MLP, RMSNorm, rms_normalize
 from model.moe import MoE
 from model.rope import inv_frequencies, rotate
-from tests.hf_models import TEXT, make_hf_multimodal_model
+from tests.hf_models import TEXT, make_hf_multimodal_model, text
 
 SCALED_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=16.0, low_freq_factor=1.0,
                    high_freq_factor=1.0, original_max_position_embeddings=16)
@@ -35,7 +35,7 @@ def relative_error(a, b):
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def pair(request):
-    hf = hf_text_model({**TEXT, **VARIANTS[request.param]}, seed=3)
+    hf = hf_text_model(text(**VARIANTS[request.param]), seed=3)
     cfg, params = params_from_hf(hf)
     return hf, cfg, params
 
@@ -45,12 +45,12 @@ def test_whole_model_logits(pair):
     ids = np.random.default_rng(0).integers(0, cfg.text.vocab_size, (3, 37))
     with torch.no_grad():
         ref = hf(torch.tensor(ids)).logits.numpy()
-    for impl in ("grouped", "dense"):
-        assert relative_error(model.forward(cfg, params, ids, moe_impl=impl), ref) < 1e-4
+    for experts in (None, "dense"):  # the runtime's kernel, and the reference
+        assert relative_error(model.forward(cfg, params, ids, experts=experts), ref) < 1e-4
 
 
 def test_orbax_and_hf_dir_give_the_same_logits(tmp_path):
-    hf = hf_text_model({**TEXT, **VARIANTS["scout_like"]}, seed=4)
+    hf = hf_text_model(text(**VARIANTS["scout_like"]), seed=4)
     hf.save_pretrained(tmp_path / "hf")
     checkpoints.hf_to_orbax(tmp_path / "hf", tmp_path / "orbax")
     ids = np.random.default_rng(1).integers(0, TEXT["vocab_size"], (2, 20))
@@ -138,8 +138,9 @@ def test_moe_and_mlp(pair):
         ref = (ref[0] if spec.moe else ref).reshape(x.shape).numpy()
         p = _layer(params, i, cfg)
         if spec.moe:
-            for impl in ("grouped", "dense"):
-                ours = MoE(cfg, impl).apply({"params": p["moe"]}, jnp.asarray(x))
+            for experts in ("rounds", "ragged", "dense"):
+                ours = MoE(cfg, model.Runtime(experts=experts)).apply({"params": p["moe"]},
+                                                                      jnp.asarray(x))
                 np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
         else:
             ours = MLP(cfg, cfg.text.intermediate_size_mlp).apply({"params": p["mlp"]}, jnp.asarray(x))

@@ -14,6 +14,7 @@ import checkpoints
 import model
 import sharding
 from sharding import ShardingError
+from tests.hf_models import multimodal_config
 
 MESHES = ["expert=8", "tensor=2,expert=4", "data=2,expert=2,tensor=2", "fsdp=8",
           "tensor=4,fsdp=2"]  # the last: 2 KV heads on tensor=4 are replicated
@@ -72,10 +73,7 @@ def test_kv_cache_is_sharded(ref):
 
 
 def test_image_tokens_sharded():
-    vision = model.VisionConfig(image_size=32, patch_size=4, hidden_size=32, num_layers=1,
-                                num_heads=4, intermediate_size=128, projector_input_dim=48,
-                                projector_output_dim=48, vision_output_dim=48)
-    cfg = model.Config(text=model.tiny(num_experts=8).text, vision=vision, image_token_id=5)
+    cfg = multimodal_config(model.tiny(num_experts=8), num_hidden_layers=1)
     params = model.init_params(cfg, jax.random.key(0))
     ids = np.array([[9, 6] + [5] * 16 + [7, 8]] * 2)  # one tile of 16 image tokens per row
     pixels = np.random.RandomState(0).randn(2, 32, 32, 3).astype(np.float32)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from experiments.train import main
+from tests.hf_models import text
 from training import byte_tokenizer, pack, read_documents, read_metrics
 from training.data import Batches
 from training.text import chat_document, text_document
@@ -180,10 +181,7 @@ def test_batch_order_depends_only_on_the_step():
 
 def test_fine_tune_an_hf_checkpoint_on_chat_records(tmp_path):
     from experiments.hf_reference import hf_text_model
-    hf = hf_text_model(dict(vocab_size=300, hidden_size=32, num_hidden_layers=4,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                            intermediate_size=16, intermediate_size_mlp=48, num_local_experts=4,
-                            attention_chunk_size=8, floor_scale=4))
+    hf = hf_text_model(text(vocab_size=300))
     hf.save_pretrained(tmp_path / "hf")
     chat = tmp_path / "chat.jsonl"
     chat.write_text("".join(json.dumps({"messages": [

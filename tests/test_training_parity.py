@@ -13,13 +13,11 @@ import pytest
 import torch
 from flax import traverse_util
 
+import model
 from experiments.hf_reference import hf_text_model, params_from_hf
+from tests.hf_models import text
 from training import loss_fn
 
-TINY = dict(vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=8, intermediate_size=16, intermediate_size_mlp=48, num_local_experts=4,
-            attention_chunk_size=8, floor_scale=4, max_position_embeddings=4096,
-            bos_token_id=1, eos_token_id=2, pad_token_id=0)
 CASES = {
     # Scout-like: every layer MoE, top-1, QK norm, chunked RoPE layers + one NoPE layer.
     "scout_like": dict(num_hidden_layers=4),
@@ -52,7 +50,7 @@ def relative_error(ours, ref):
 
 @pytest.mark.parametrize("case", CASES)
 def test_loss_and_gradients_match_hf_autograd(case):
-    hf = hf_text_model({**TINY, **CASES[case]}, seed=0)
+    hf = hf_text_model(text(**CASES[case]), seed=0)
     cfg, params = params_from_hf(hf)
     B, T = 2, 20  # longer than two chunks of 8, and past floor_scale so temperature tuning acts
     r = np.random.default_rng(0)
@@ -67,8 +65,9 @@ def test_loss_and_gradients_match_hf_autograd(case):
 
     batch = {"tokens": tokens, "weights": weights, "real": real}
     cfg = cfg.replace_text(router_aux_loss_coef=COEF)
+    rt = model.resolve(cfg, "train")
     (loss, metrics), grads = jax.jit(jax.value_and_grad(
-        lambda p: loss_fn(cfg, p, batch), has_aux=True))(params)
+        lambda p: loss_fn(cfg, rt, p, batch), has_aux=True))(params)
 
     labels = torch.tensor(np.where(weights > 0, tokens, -100), dtype=torch.long)
     out = hf(input_ids=torch.tensor(tokens, dtype=torch.long), labels=labels,
@@ -93,6 +92,7 @@ def test_loss_and_gradients_match_hf_autograd(case):
     print(f"{case}: worst gradient relative error {max(errors.values()):.2e}")
     assert not bad, f"gradients differ from HF autograd (max-abs relative error): {bad}"
     if case == "scout_like":  # rematerialisation changes what is stored, not what is computed
-        remat_fn = jax.jit(jax.grad(lambda p: loss_fn(cfg.replace(remat="full"), p, batch)[0]))
+        remat = cfg.replace(remat="full")
+        remat_fn = jax.jit(jax.grad(lambda p: loss_fn(remat, rt, p, batch)[0]))
         for k, g in traverse_util.flatten_dict(remat_fn(params), sep="/").items():
             assert relative_error(np.asarray(g), np.asarray(ours[k])) < 1e-5, k

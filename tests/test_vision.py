@@ -18,14 +18,8 @@ from model import image_processing as IP
 from model import multimodal as MM
 from model import vision as V
 from model.rope import rotate_by_angles, vision_angles
+from tests.hf_models import VISION, multimodal_config, text
 
-VISION = dict(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2,
-              num_attention_heads=4, intermediate_size=128, vision_output_dim=48,
-              projector_input_dim=48, projector_output_dim=48)
-TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=16, intermediate_size_mlp=48,
-            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-            num_local_experts=4, attention_chunk_size=8, floor_scale=4, bos_token_id=1,
-            eos_token_id=2, pad_token_id=0)
 SPECIAL = dict(image_token_index=5, boi_token_index=3, eoi_token_index=4)
 PATCH = SPECIAL["image_token_index"]
 # The tiny vocabulary has no room for Llama 4's ids: ids 0-5 stand in for them.
@@ -36,7 +30,7 @@ TOKENS = IP.ImageTokens(image_start=3, image_end=4, tile_x=0, tile_y=1, image=2,
 def hf_and_ours():
     from experiments.hf_reference import hf_multimodal_model, params_from_hf
     torch.manual_seed(0)
-    hf = hf_multimodal_model(VISION, TEXT, seed=0, **SPECIAL)
+    hf = hf_multimodal_model(VISION, text(), seed=0, **SPECIAL)
     cfg, params = params_from_hf(hf)
     return hf, cfg, params
 
@@ -196,11 +190,7 @@ def test_splice_fills_image_positions_in_row_major_order():
 # Parameter tree, presets, bad input (no HF model needed).
 
 def tiny_vision_cfg():
-    vision = C.VisionConfig(image_size=32, patch_size=4, hidden_size=32, num_layers=2, num_heads=4,
-                            intermediate_size=128, projector_input_dim=48, projector_output_dim=48,
-                            vision_output_dim=48)
-    return C.Config(text=C.tiny().text, vision=vision, image_token_id=PATCH, boi_token_id=3,
-                    eoi_token_id=4)
+    return multimodal_config(image_token_id=PATCH).replace(boi_token_id=3, eoi_token_id=4)
 
 
 def test_tree_matches_the_checkpoint_key_table():

@@ -19,7 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from model import DECODER_KEYS
+from model import DECODER_KEYS, Runtime
+from model.config import Config
 from model.decoder import Decoder
 
 
@@ -53,15 +54,15 @@ def cross_entropy(logits, targets, weights):
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def loss_fn(cfg, params, batch, moe_impl: str = "grouped"):
-    """batch: tokens [B, T+1], weights [B, T+1] (as targets), real [B, T+1].
-    Returns (total loss, metrics dict)."""
+def loss_fn(cfg: Config, rt: Runtime, params, batch):
+    """batch: tokens [B, T+1], weights [B, T+1] (as targets), real [B, T+1]; `rt` a training
+    runtime (model.resolve(cfg, "train", ...)). Returns (total loss, metrics dict)."""
     tokens = batch["tokens"]
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     weights = batch["weights"][:, 1:].astype(jnp.float32)
     dec = {k: params[k] for k in DECODER_KEYS}
-    (logits, _), state = Decoder(cfg, moe_impl).apply({"params": dec}, inputs,
-                                                      mutable=["intermediates"])
+    (logits, _), state = Decoder(cfg, rt).apply({"params": dec}, inputs,
+                                                mutable=["intermediates"])
     ce = cross_entropy(logits, targets, weights)
     metrics = {"ce": ce, "targets": jnp.sum(weights)}
     total = ce

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from model.layers import sharding_plan
+import model
+from model.config import Config
 
 from .objective import loss_fn
 
@@ -60,23 +61,23 @@ def init_state(params, opt: optax.GradientTransformation, seed: int):
     return init(params)
 
 
-def make_train_step(cfg, o: OptimConfig, moe_impl: str = "grouped", plan=None,
-                    state_shardings=None):
+def make_train_step(cfg: Config, o: OptimConfig, plan=None, state_shardings=None,
+                    experts: str | None = None):
     """(state, batch) -> (state, metrics); jitted, the state's buffers donated. With a `plan`
     (sharding.Plan) the model runs sharded as it says, and the new state keeps `state_shardings`
-    (see `training.loop.state_shardings`) so that it can be donated to the next step."""
+    (see `training.loop.state_shardings`) so that it can be donated to the next step.
+    `experts` overrides the runtime's expert kernel (e.g. "dense", the reference)."""
     opt = make_optimizer(o)
     lr = schedule(o)
+    rt = model.resolve(cfg, "train", plan, experts=experts)
     out_shardings = None
     if plan is not None:
         out_shardings = (state_shardings, NamedSharding(plan.mesh, PartitionSpec()))
 
     @functools.partial(jax.jit, donate_argnums=0, out_shardings=out_shardings)
     def train_step(state, batch):
-        with sharding_plan(plan):
-            (_, metrics), grads = jax.value_and_grad(
-                functools.partial(loss_fn, cfg, moe_impl=moe_impl), has_aux=True)(
-                    state["params"], batch)
+        (_, metrics), grads = jax.value_and_grad(
+            functools.partial(loss_fn, cfg, rt), has_aux=True)(state["params"], batch)
         updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
         rng, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))
         metrics |= {"grad_norm": optax.global_norm(grads), "lr": lr(state["step"])}
@@ -87,5 +88,5 @@ def make_train_step(cfg, o: OptimConfig, moe_impl: str = "grouped", plan=None,
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def eval_step(cfg, params, batch):
-    return loss_fn(cfg, params, batch)[1]
+def eval_step(cfg: Config, params, batch):
+    return loss_fn(cfg, model.resolve(cfg, "train"), params, batch)[1]

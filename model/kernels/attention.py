@@ -1,0 +1,205 @@
+"""Attention kernels: causal attention over a segment, within chunks, and over a KV cache.
+
+`attend` is what the Attention module calls; the runtime says which kernel runs:
+- no cache (training, a whole-sequence forward): one masked softmax up to `dense_max_len` keys,
+  beyond it query and key blocks with an online softmax (memory O(block^2), not O(T^2)); or
+  cuDNN's fused kernel (`jax.nn.dot_product_attention`) on GPUs in 16-bit. Chunked layers fold
+  their chunks into the batch, so no T x T buffer exists for them.
+- with a cache: masks from the absolute positions each slot holds (-1: empty), the cache read in
+  blocks of `block` slots with an online softmax once it is longer than `dense_max_len` slots.
+"""
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+
+from .. import kv_cache
+
+# Up to this many keys attention is one masked softmax (fastest on CPU); beyond, blocks of BLOCK.
+DENSE_MAX_LEN = 2048
+BLOCK = 512
+
+
+def attend(q, k, v, positions, cache, chunk: int | None, rt):
+    """q [B, T, N, H], k/v [B, T, K, H] at positions [B, T] -> (out [B, T, N, H], new): `new` is
+    None without a cache, else the new keys and values {"k", "v"} [B, T, K, H] for
+    kv_cache.write, or the layer's updated cache when the runtime writes it in the layers."""
+    kw = dict(dense_max_len=rt.dense_max_len, block=rt.block)
+    if cache is None:
+        if chunk is not None:
+            return chunked_causal_attention(q, k, v, chunk, impl=rt.attention, **kw), None
+        return causal_attention(q, k, v, impl=rt.attention, **kw), None
+    if rt.writes_cache_in_layers:
+        new = kv_cache.write_layer(cache, k, v, positions)
+        return cached_attention(q, None, None, positions, new, chunk, **kw), new
+    out = cached_attention(q, k, v, positions, cache, chunk, fresh=rt.cache_empty, **kw)
+    return out, {"k": k, "v": v}
+
+
+def _scores(q, k):  # q [B, T, K, G, H], k [B, S, K, H] -> [B, K, G, T, S] in fp32
+    return jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * (
+        q.shape[-1] ** -0.5)
+
+
+def _dense_causal(q, k, v):
+    T, S = q.shape[1], k.shape[1]
+    s = _scores(q, k)
+    s = jnp.where(jnp.tril(jnp.ones((T, S), bool)), s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", p, v)
+
+
+def _online_softmax(state, s, values):
+    """Fold one block of keys into a running softmax: state = (max m [..., T], sum l [..., T],
+    weighted values acc [..., T, H]) over the blocks so far (m = -inf before the first);
+    s [..., T, S] the block's masked fp32 scores; values(p) = p @ V for the block -> [..., T, H]."""
+    m_old, l, acc = state
+    m = jnp.maximum(m_old, s.max(-1))
+    p = jnp.exp(s - m[..., None])
+    corr = jnp.exp(m_old - m)
+    return m, l * corr + p.sum(-1), acc * corr[..., None] + values(p)
+
+
+def _empty_softmax_state(B, K, G, T, H):
+    return (jnp.full((B, K, G, T), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
+            jnp.zeros((B, K, G, T, H), jnp.float32))
+
+
+def _blockwise_causal(q, k, v, block: int):
+    """Online-softmax attention over key blocks: memory O(block^2) per query block, not O(T^2)."""
+    B, T, K, G, H = q.shape
+    n = -(-T // block)
+    pad = n * block - T
+    q, k, v = (jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) for a in (q, k, v))
+    kb = k.reshape(B, n, block, K, H).swapaxes(0, 1)  # [n, B, block, K, H]
+    vb = v.reshape(B, n, block, K, H).swapaxes(0, 1)
+    causal = jnp.tril(jnp.ones((block, block), bool))
+
+    def one_query_block(args):
+        i, qi = args  # qi [B, block, K, G, H]
+
+        @jax.checkpoint  # keep only the running (m, l, acc) for the backward pass
+        def step(carry, j):
+            def update(carry):
+                s = jnp.where((j < i) | causal, _scores(qi, kb[j]), -jnp.inf)
+                return _online_softmax(carry, s, lambda p: jnp.einsum(
+                    "BKGTS,BSKH->BKGTH", p.astype(vb.dtype), vb[j],
+                    preferred_element_type=jnp.float32))
+            return jax.lax.cond(j <= i, update, lambda c: c, carry), None
+
+        init = _empty_softmax_state(B, K, G, block, H)
+        (_, l, acc), _ = jax.lax.scan(step, init, jnp.arange(n))
+        return (acc / l[..., None]).astype(v.dtype)  # [B, K, G, block, H]
+
+    qb = q.reshape(B, n, block, K, G, H).swapaxes(0, 1)
+    out = jax.lax.map(one_query_block, (jnp.arange(n), qb))  # [n, B, K, G, block, H]
+    out = jnp.einsum("nBKGtH->BntKGH", out).reshape(B, n * block, K, G, H)
+    return out[:, :T]
+
+
+def causal_attention(q, k, v, *, impl: str = "xla", dense_max_len: int = DENSE_MAX_LEN,
+                     block: int = BLOCK):
+    """Causal GQA over one segment. q [B, T, N, H], k/v [B, T, K, H] -> [B, T, N, H]."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    qg = q.reshape(B, T, K, N // K, H)
+    out = _dense_causal(qg, k, v) if T <= dense_max_len else _blockwise_causal(qg, k, v, block)
+    return out.reshape(B, T, N, H)
+
+
+def chunked_causal_attention(q, k, v, chunk: int, **kw):
+    """Causal attention inside consecutive chunks of `chunk` tokens (chunks folded into batch)."""
+    B, T, N, H = q.shape
+    if T <= chunk:
+        return causal_attention(q, k, v, **kw)
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    # Padding sits after every real token of the last chunk, so causality already hides it.
+    fold = lambda a: jnp.pad(a, [(0, 0), (0, pad), (0, 0), (0, 0)]).reshape(
+        B * n, chunk, *a.shape[2:])
+    out = causal_attention(fold(q), fold(k), fold(v), **kw)
+    return out.reshape(B, n * chunk, N, H)[:, :T]
+
+
+def _cached_scores(qg, q_pos, k, k_pos, chunk: int | None):
+    """Masked scores [B, K, G, T, S] (fp32) of queries qg [B, T, K, G, H] at q_pos [B, T] over
+    keys k [B, K, S, H] at k_pos [B, S] (-1: empty). A finite floor keeps padding queries
+    (nothing allowed) finite; real rows are unaffected, as exp(-1e30 - max) is exactly 0."""
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]                          # [B, T, 1], [B, 1, S]
+    allowed = (kp >= 0) & (kp <= qp)
+    if chunk is not None:
+        allowed &= kp // chunk == qp // chunk
+    s = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+    return jnp.where(allowed[:, None, None], s * qg.shape[-1] ** -0.5, -1e30)
+
+
+def cached_attention(q, k_new, v_new, q_pos, layer_cache, chunk: int | None,
+                     fresh: bool = False, *, dense_max_len: int = DENSE_MAX_LEN,
+                     block: int = BLOCK):
+    """Attention of new queries [B, T, N, H] at positions q_pos [B, T] over the cached keys plus
+    the new ones k_new/v_new [B, T, K, H] (None: already written into the cache); masks come
+    from absolute positions (cache slots hold -1 when empty). `fresh`: the cache is known to be
+    empty (a prompt's first piece), so only the new keys are looked at.
+
+    The new keys are attended beside the buffers rather than written into them first whenever
+    one may land in a ring-buffer slot whose old key a query here still needs (a piece of a
+    prompt crossing a chunk boundary); the layers then only read the cache (see kv_cache.write).
+    A cache of more than `dense_max_len` slots is read in blocks of `block` slots with an online
+    softmax, the new keys last: neither a score tensor over the whole context nor a copy of the
+    cache is made, whatever the context length."""
+    B, T, N, H = q.shape
+    K = layer_cache["k"].shape[1]
+    qg = q.reshape(B, T, K, N // K, H)
+    S = layer_cache["pos"].shape[-1]
+    parts = [] if fresh else [tuple(layer_cache[n].astype(q.dtype) for n in ("k", "v"))
+                              + (layer_cache["pos"],)]        # (keys, values, positions) to attend
+    if k_new is not None:
+        parts.append((k_new.swapaxes(1, 2), v_new.swapaxes(1, 2), jnp.where(q_pos >= 0, q_pos, -1)))
+    if not fresh and S > dense_max_len:
+        state = _cache_blocks(qg, q_pos, layer_cache, chunk, min(block, S))
+        for k, v, pos in parts[1:]:
+            state = _online_softmax(state, _cached_scores(qg, q_pos, k, pos, chunk),
+                                    lambda p, v=v: _weighted_values(p, v))
+        _, l, acc = state
+        return _heads_last((acc / l[..., None]).astype(q.dtype))
+    # One softmax over the scores put side by side (joining the keys and values instead would
+    # copy the buffers).
+    scores = [_cached_scores(qg, q_pos, k, pos, chunk) for k, _, pos in parts]
+    p = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    ends = list(itertools.accumulate(s.shape[-1] for s in scores))
+    out = sum(_weighted_values(p[..., e - s.shape[-1]:e], v)
+              for s, e, (_, v, _) in zip(scores, ends, parts))
+    return _heads_last(out.astype(q.dtype))
+
+
+def _heads_last(out):  # [B, K, G, T, H] -> [B, T, N, H]
+    B, K, G, T, H = out.shape
+    return jnp.einsum("BKGTH->BTKGH", out).reshape(B, T, K * G, H)
+
+
+def _weighted_values(p, v):  # p [B, K, G, T, S], v [B, K, S, H] -> [B, K, G, T, H] in fp32
+    return jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
+def _cache_blocks(qg, q_pos, layer_cache, chunk: int | None, block: int):
+    """The online-softmax state after every cache slot, visited `block` slots at a time."""
+    B, T, K, G, H = qg.shape
+    S = layer_cache["pos"].shape[-1]
+
+    def step(state, j):
+        # The last block is moved back to end at slot S; the slots it shares with the block
+        # before are masked as empty, so that no key counts twice.
+        start = jnp.minimum(j * block, S - block)
+        k, v = (jax.lax.dynamic_slice_in_dim(layer_cache[n], start, block, axis=2).astype(qg.dtype)
+                for n in ("k", "v"))
+        pos = jax.lax.dynamic_slice_in_dim(layer_cache["pos"], start, block, axis=1)
+        pos = jnp.where(start + jnp.arange(block) >= j * block, pos, -1)
+        s = _cached_scores(qg, q_pos, k, pos, chunk)
+        return _online_softmax(state, s, lambda p: _weighted_values(p, v)), None
+
+    state, _ = jax.lax.scan(step, _empty_softmax_state(B, K, G, T, H), jnp.arange(-(-S // block)))
+    return state

@@ -1,0 +1,167 @@
+"""Expert kernels: the routed experts over token copies xs [M, D], copy m going to expert ids[m]
+and already scaled by its router score (model/moe.py), each returning ys [M, D] in copy order.
+
+- `grouped`: dropless. Copies are sorted by expert and each expert's group runs through the
+  SwiGLU kernel: `swiglu_ragged` (jax.lax.ragged_dot, a grouped GEMM on accelerators) or
+  `swiglu_rounds` (CPU, where ragged_dot lowers to masked dense work, ~6x slower). It is also the
+  body of expert parallelism: sharding/ runs it inside a shard_map, `first` naming the experts a
+  device holds.
+- `switched`: each copy through its own expert, whose weights are buffers of their own (the
+  "experts" layout of CPU decoding, kernels/views.py): the step reads only the selected experts.
+- `dense`: the reference: every expert on every copy (zero where not routed), as HF runs it.
+Experts have no biases, so an expert on a zero input gives exactly zero.
+Local letters: M token copies; R rows an expert takes in one round of `swiglu_rounds`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from ..layers import swiglu
+
+# The routed experts' weights [E, D, F], [E, D, F], [E, F, D], by their names in an MoE layer.
+EXPERT_WEIGHTS = ("wi_gate", "wi_up", "wo")
+
+
+def run(xs, ids, weights, rt):
+    """The routed experts' outputs [M, D] for copies xs [M, D] going to experts ids [M], by the
+    kernel `rt.experts`; `weights` = (wi_gate, wi_up, wo). With a placement the grouped kernel
+    runs expert-parallel (sharding/ spells out the communication)."""
+    if rt.experts == "dense":
+        return dense(xs, ids, *weights)
+    if rt.experts == "switched":
+        return switched(xs, ids, weights)
+    body = functools.partial(grouped, swiglu_kernel=SWIGLU[rt.experts])
+    if rt.placement is None:
+        return body(xs, ids, *weights)
+    return rt.placement.dispatch_experts(body, xs, ids, *weights)
+
+
+def grouped(xs, ids, wi_gate, wi_up, wo, *, swiglu_kernel, first: int | jax.Array = 0):
+    """Copies xs [M, D] through the experts first .. first + E - 1 that `wi_gate` [E, D, F]
+    holds; copies for other experts come back as zeros. Sorted by expert (those not here last,
+    in no group), each expert's group through `swiglu_kernel`, then back in copy order."""
+    E = wi_gate.shape[0]
+    local = ids - first
+    here = (local >= 0) & (local < E)
+    key = jnp.where(here, local, E)
+    order = jnp.argsort(key, stable=True)
+    group_sizes = jnp.bincount(key, length=E + 1)[:E].astype(jnp.int32)
+    ys = swiglu_kernel(xs[order], wi_gate, wi_up, wo, group_sizes)
+    ys = jnp.where(here[order][:, None], ys, 0)       # rows past the groups are undefined
+    return jnp.zeros_like(xs).at[order].set(ys, unique_indices=True)
+
+
+def swiglu_ragged(xs, wi_gate, wi_up, wo, group_sizes):
+    """SwiGLU of rows xs [M, D] sorted by expert; group_sizes [E] rows per expert -> [M, D]."""
+    return swiglu(xs, wi_gate, wi_up, wo, lambda a, w: jax.lax.ragged_dot(a, w, group_sizes))
+
+
+def swiglu_rounds(xs, wi_gate, wi_up, wo, group_sizes, rows: int | None = None):
+    """The same as `swiglu_ragged`, for backends without a grouped-GEMM kernel. In round r every
+    expert takes the next `rows` rows R of its group, and one matmul batched over the experts runs
+    them all. The weights are read where they lie: XLA:CPU would copy an expert's weights picked
+    by a dynamic index before every matmul, and those copies cost more than the matmuls.
+    Dropless: rounds go on until the largest group is done. The waste is the padding of each group
+    to whole rounds; with all tokens on one expert it is the dense cost, the reference's.
+    No more rows than experts (decoding) gather their experts' weights instead, which reads less.
+    The loop length depends on the routing, so the gradient is written out (`_rounds_bwd`)."""
+    M, E = xs.shape[0], group_sizes.shape[0]
+    if M <= E:
+        expert = jnp.repeat(jnp.arange(E), group_sizes, total_repeat_length=M)
+        return swiglu_gathered(xs, wi_gate, wi_up, wo, expert)
+    if rows is None:  # twice the balanced share, so that one round usually takes every group
+        rows = int(min(M, max(8, 2 ** math.ceil(math.log2(max(2 * M // E, 1))))))
+    return _rounds(xs, wi_gate, wi_up, wo, group_sizes, rows)
+
+
+def swiglu_gathered(xs, wi_gate, wi_up, wo, expert):
+    """SwiGLU of a handful of rows xs [M, D], row m through expert[m]: each row gathers its
+    expert's weights, so a step reads only the selected experts, in one fused gather."""
+    return swiglu(xs, wi_gate, wi_up, wo, lambda a, w: jnp.einsum("MD,MDF->MF", a, w[expert]))
+
+
+def _round_sources(group_sizes, rows: int, r, M: int):
+    """Row of xs that each expert takes in round r: [E, R], M where its group has run out."""
+    start = jnp.cumsum(group_sizes) - group_sizes
+    rank = r * rows + jnp.arange(rows)                                # place within a group
+    return jnp.where(rank < group_sizes[:, None], start[:, None] + rank, M)
+
+
+def _with_zero_row(a):  # [M, D] -> [M + 1, D]: row M feeds the places past a group's end
+    return jnp.concatenate([a, jnp.zeros((1, a.shape[1]), a.dtype)])
+
+
+def _num_rounds(group_sizes, rows: int):
+    return (group_sizes.max() + rows - 1) // rows
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _rounds(xs, wi_gate, wi_up, wo, group_sizes, rows):
+    M = xs.shape[0]
+    xs_pad = _with_zero_row(xs)
+
+    def one_round(r, y):
+        src = _round_sources(group_sizes, rows, r, M)
+        # [E, R, D] through the batched experts [E, D, F] / [E, F, D]
+        return y.at[src].set(swiglu(xs_pad[src], wi_gate, wi_up, wo), mode="drop")
+
+    return jax.lax.fori_loop(0, _num_rounds(group_sizes, rows), one_round, jnp.zeros_like(xs))
+
+
+def _rounds_fwd(xs, wi_gate, wi_up, wo, group_sizes, rows):
+    return _rounds(xs, wi_gate, wi_up, wo, group_sizes, rows), (xs, wi_gate, wi_up, wo, group_sizes)
+
+
+def _rounds_bwd(rows, residuals, dy):
+    """The same rounds backwards: activations recomputed per round, weight gradients summed
+    in place over the rounds (only the rounds that ran)."""
+    xs, wi_gate, wi_up, wo, group_sizes = residuals
+    M = xs.shape[0]
+    xs_pad, dy_pad = _with_zero_row(xs), _with_zero_row(dy)
+
+    def one_round(r, grads):
+        dxs, dw_gate, dw_up, dwo = grads
+        src = _round_sources(group_sizes, rows, r, M)
+        x, g = xs_pad[src], dy_pad[src]                              # [E, R, D]; zero past a group
+        a = jnp.einsum("ERD,EDF->ERF", x, wi_gate)
+        b = jnp.einsum("ERD,EDF->ERF", x, wi_up)
+        sig = jax.nn.sigmoid(a)
+        dh = jnp.einsum("ERD,EFD->ERF", g, wo)
+        da = dh * b * sig * (1 + a * (1 - sig))                       # silu'(a) = sig (1 + a (1 - sig))
+        db = dh * a * sig
+        dwo = dwo + jnp.einsum("ERF,ERD->EFD", a * sig * b, g)
+        dw_gate = dw_gate + jnp.einsum("ERD,ERF->EDF", x, da)
+        dw_up = dw_up + jnp.einsum("ERD,ERF->EDF", x, db)
+        dx = jnp.einsum("ERF,EDF->ERD", da, wi_gate) + jnp.einsum("ERF,EDF->ERD", db, wi_up)
+        return dxs.at[src].set(dx, mode="drop"), dw_gate, dw_up, dwo
+
+    zeros = tuple(jnp.zeros_like(a) for a in (xs, wi_gate, wi_up, wo))
+    grads = jax.lax.fori_loop(0, _num_rounds(group_sizes, rows), one_round, zeros)
+    return (*grads, None)
+
+
+_rounds.defvjp(_rounds_fwd, _rounds_bwd)
+
+SWIGLU = {"ragged": swiglu_ragged, "rounds": swiglu_rounds}
+
+
+def switched(xs, ids, weights):
+    """xs [M, D], ids [M]; weights: (wi_gate, wi_up, wo), each Parts of E buffers [D, F] /
+    [F, D] -> [M, D]. Each copy runs through its expert alone, picked by `lax.switch`, so the
+    matmuls read that expert's weights where they lie, once, and copy none."""
+    branches = [functools.partial(_one_expert, w) for w in zip(*(w.parts for w in weights))]
+    return jax.lax.map(lambda a: jax.lax.switch(a[0], branches, a[1]), (ids, xs))
+
+
+def _one_expert(weights, x):  # a branch of `switched`: x [D] -> [D]
+    return swiglu(x, *weights)
+
+
+def dense(xs, ids, wi_gate, wi_up, wo):
+    """Reference: all E experts on all M copies, each expert's input zero where not routed."""
+    xe = jnp.einsum("MD,ME->EMD", xs, jax.nn.one_hot(ids, wi_gate.shape[0], dtype=xs.dtype))
+    return swiglu(xe, wi_gate, wi_up, wo).sum(axis=0)
