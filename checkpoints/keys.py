@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
+from flax import traverse_util
 
+import model
 from checkpoints.errors import CheckpointError
 from model.config import Config
 
@@ -126,41 +128,10 @@ def detect_layout(names) -> str:
 
 
 def param_shapes(cfg: Config) -> dict[Path, Shape]:
-    """Every leaf of our parameter tree and its shape, flat and in a stable order."""
-    t, v = cfg.text, cfg.vision
-    D, N, K, H, E = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.num_experts
-    F, Fm, V = t.intermediate_size, t.intermediate_size_mlp, t.vocab_size
-    shapes: dict[str, Shape] = {"embed.embedding": (V, D)}
-    for j, spec in enumerate(t.block_specs):
-        layer = {"attn_norm.scale": (D,), "attn.q": (D, N, H), "attn.k": (D, K, H),
-                 "attn.v": (D, K, H), "attn.o": (N, H, D), "ffn_norm.scale": (D,)}
-        if spec.moe:
-            layer |= {"moe.router": (D, E), "moe.wi_gate": (E, D, F), "moe.wi_up": (E, D, F),
-                      "moe.wo": (E, F, D), "moe.shared.wi_gate": (D, F),
-                      "moe.shared.wi_up": (D, F), "moe.shared.wo": (F, D)}
-        else:
-            layer |= {"mlp.wi_gate": (D, Fm), "mlp.wi_up": (D, Fm), "mlp.wo": (Fm, D)}
-        shapes |= {f"blocks.layer_{j}.{k}": (t.num_blocks, *s) for k, s in layer.items()}
-    shapes |= {"final_norm.scale": (D,), "lm_head.kernel": (D, V)}
-    if v is not None:
-        Dv, Nv, Fv = v.hidden_size, v.num_heads, v.intermediate_size
-        Hv, P = Dv // Nv, (v.image_size // v.patch_size) ** 2
-        shapes |= {"vision.patch_embed.kernel": (v.num_channels * v.patch_size ** 2, Dv),
-                   "vision.class_embedding": (Dv,), "vision.pos_embedding": (P + 1, Dv),
-                   **{f"vision.{n}.{p}": (Dv,) for n in ("pre_norm", "post_norm")
-                      for p in ("scale", "bias")}}
-        layer = {"attn_norm.scale": (Dv,), "attn_norm.bias": (Dv,),
-                 **{f"attn.{p}": (Dv, Nv, Hv) for p in "qkv"},
-                 **{f"attn.{p}_bias": (Nv, Hv) for p in "qkv"},
-                 "attn.o": (Nv, Hv, Dv), "attn.o_bias": (Dv,),
-                 "mlp_norm.scale": (Dv,), "mlp_norm.bias": (Dv,),
-                 "mlp.fc1": (Dv, Fv), "mlp.fc1_bias": (Fv,),
-                 "mlp.fc2": (Fv, Dv), "mlp.fc2_bias": (Dv,)}
-        shapes |= {f"vision.layers.{k}": (v.num_layers, *s) for k, s in layer.items()}
-        shapes |= {"vision.adapter.fc1": (Fv, v.projector_input_dim),
-                   "vision.adapter.fc2": (v.projector_output_dim, v.projector_output_dim),
-                   "projector.kernel": (v.vision_output_dim, D)}
-    return {tuple(k.split(".")): s for k, s in shapes.items()}
+    """Every leaf of our parameter tree and its shape, flat, in the order the model declares
+    them (model.param_shapes: the modules' own declaration)."""
+    flat = traverse_util.flatten_dict(model.param_shapes(cfg))
+    return {path: tuple(s.shape) for path, s in flat.items()}
 
 
 @dataclass(frozen=True)

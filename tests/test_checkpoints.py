@@ -20,7 +20,7 @@ import checkpoints
 import model
 from checkpoints import conversion, keys
 from checkpoints.convert import main
-from tests.hf_models import make_hf_multimodal_model, make_hf_text_model
+from tests.hf_models import make_hf_multimodal_model, make_hf_text_model, multimodal_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,11 +87,22 @@ def test_slabs_and_sharded_output(hf_dirs, tmp_path):
     assert all(torch.equal(back.state_dict()[k], v) for k, v in torch_model.state_dict().items())
 
 
-def test_param_tree_is_the_models(hf_dirs):
-    for name in ("maverick_like", "six_layers", "multimodal"):
-        cfg = checkpoints.hf.HFCheckpoint(hf_dirs[name][0]).cfg
-        want = {p: x.shape for p, x in traverse_util.flatten_dict(model.param_shapes(cfg)).items()}
-        assert keys.param_shapes(cfg) == want, name
+@pytest.mark.parametrize("cfg", [multimodal_config(model.tiny(moe_layers=(1, 3))),
+                                 model.preset("scout"), model.preset("maverick")],
+                         ids=["tiny_multimodal", "scout", "maverick"])
+def test_key_table_covers_the_declared_tree(cfg):
+    """Every slice of every leaf the modules declare is the target of exactly one HF tensor of
+    the key table, with its shape (abstract: nothing is allocated)."""
+    shapes = keys.param_shapes(cfg)
+    seen = {}
+    for key in keys.hf_keys(cfg, "conditional_generation"):
+        for path in key.ours:
+            assert shapes[path][len(key.index):] == key.shape, (key.hf, path)
+            seen.setdefault(path, []).append(key.index)
+    assert seen.keys() == shapes.keys()
+    for path, indices in seen.items():
+        stacked = shapes[path][:len(indices[0])]
+        assert sorted(indices) == sorted(np.ndindex(*stacked)), path
 
 
 def test_tree_follows_the_hf_definitions(hf_dirs):

@@ -1,9 +1,20 @@
-"""The generate command end to end: a tiny HF checkpoint with a tokenizer, streamed text out."""
+"""The generate command end to end: a tiny HF checkpoint with a tokenizer, streamed text out,
+held equal to what model.generate gives for the same prompt and sampling settings."""
 import pytest
 
+import checkpoints
+import model
 from experiments import generate
 from tests.hf_models import make_hf_text_model
 from tests.test_tokenizer import tok  # noqa: F401  (the small BPE tokenizer fixture)
+
+
+def expected_new_tokens(ckpt, ids, stop, pixel_values=None, **sampling):
+    """The tokens model.generate gives after the prompt `ids`, up to the first stop token."""
+    cfg, params = checkpoints.load(ckpt)
+    out = model.generate(cfg, params, [ids], pixel_values=pixel_values, stop_tokens=stop,
+                         **sampling)[0, len(ids):].tolist()
+    return next((out[:i] for i, t in enumerate(out) if t in stop), out)
 
 
 @pytest.fixture(scope="module")
@@ -13,23 +24,30 @@ def ckpt(tmp_path_factory, tok):  # noqa: F811
     return path
 
 
-def test_prompt_streams_text_and_speeds(ckpt, capsys):
+def test_prompt_streams_text_and_speeds(ckpt, tok, capsys):  # noqa: F811
     generate.main(["--ckpt", str(ckpt), "--prompt", "def fib(n):", "--max-new-tokens", "12"])
     out, err = capsys.readouterr()
-    assert out.startswith("def fib(n):") and len(out) > len("def fib(n):\n")
-    assert "prefill:" in err and "decode:" in err
+    new = expected_new_tokens(ckpt, tok.encode("def fib(n):"), tok.stop_ids, max_new_tokens=12)
+    assert new and out == "def fib(n):" + "".join(tok.stream(new))  # text as it streams
+    assert f"decode: {len(new)} tokens" in err and "prefill:" in err
 
 
-def test_chat_and_sampling_flags(ckpt, capsys):
+def test_chat_and_sampling_flags(ckpt, tok, capsys):  # noqa: F811
     generate.main(["--ckpt", str(ckpt), "--prompt", "hello", "--chat", "--max-new-tokens", "6",
                    "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--seed", "3"])
-    assert "decode:" in capsys.readouterr().err
+    out = capsys.readouterr().out
+    ids = tok.encode_chat([{"role": "user", "content": "hello"}])
+    new = expected_new_tokens(ckpt, ids, tok.stop_ids, max_new_tokens=6, temperature=0.8,
+                              top_p=0.9, top_k=20, seed=3)
+    assert out == "".join(tok.stream(new))
 
 
 def test_prompt_ids_without_tokenizer(ckpt, capsys):
     generate.main(["--ckpt", str(ckpt), "--prompt-ids", "5,6,7", "--max-new-tokens", "5"])
     out = capsys.readouterr().out.split()
-    assert 0 < len(out) <= 5 and all(t.isdigit() for t in out)
+    cfg, _ = checkpoints.load(ckpt)
+    new = expected_new_tokens(ckpt, [5, 6, 7], list(cfg.text.eos_token_ids), max_new_tokens=5)
+    assert out == [str(t) for t in new]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -63,15 +81,25 @@ def mm_ckpt(tmp_path_factory, tok):  # noqa: F811
 
 
 @pytest.mark.parametrize("chat", [False, True])
-def test_image_prompt(mm_ckpt, tmp_path, capsys, chat):
+def test_image_prompt(mm_ckpt, tok, tmp_path, capsys, chat):  # noqa: F811
     from PIL import Image
     import numpy as np
     image = tmp_path / "img.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 40, 3), np.uint8)).save(image)
-    generate.main(["--ckpt", str(mm_ckpt), "--prompt", "what is this?", "--image", str(image),
-                   "--max-new-tokens", "4", *(["--chat"] if chat else [])])
-    err = capsys.readouterr().err
-    assert "decode:" in err
+    argv = ["--ckpt", str(mm_ckpt), "--prompt", "what is this?", "--image", str(image),
+            "--max-new-tokens", "4", *(["--chat"] if chat else [])]
+    generate.main(argv)
+    out = capsys.readouterr().out
+    # The same prompt through the Python API: the image's tiles and token layout, then generate.
+    args = generate.parse_args(argv)
+    cfg, _ = checkpoints.load(mm_ckpt)
+    text_ids = (tok.encode_chat([{"role": "user", "content": args.prompt}]) if chat
+                else tok.encode(args.prompt))
+    ids, pixels = generate.image_prompt(cfg, tok, args, text_ids)
+    assert int(np.sum(np.asarray(ids) == cfg.image_token_id)) == len(pixels) * 16
+    new = expected_new_tokens(mm_ckpt, list(ids), tok.stop_ids, pixel_values=pixels,
+                              max_new_tokens=4)
+    assert out == ("" if chat else args.prompt) + "".join(tok.stream(new))
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(SystemExit):
         generate.main(["--ckpt", str(mm_ckpt), "--prompt", "x", "--image", str(tmp_path / "bad.png")])
