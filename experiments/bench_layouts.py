@@ -1,10 +1,14 @@
 """The parameter layouts of CPU inference against each other (model/runtime.py), one run.
 
     python -m experiments.bench_layouts [--batch 4] [--prompt 128] [--steps 64] [--repeats 9]
+        [--layers 8]
 
-The mid-size random model of bench_forward (D=256, 8 layers, 16 experts, fp32). Prefill: one
-`extend` of the whole prompt; decode: `steps` greedy tokens in the jitted loop, per step. Each
-layout takes its turn with the others, so that load drifting during the run shifts all alike.
+The mid-size random model of bench_forward (D=256, 8 layers, 16 experts, fp32; --layers to
+deepen it). Prefill: one `extend` of the whole prompt; decode: `steps` greedy tokens in the
+jitted loop, per step. Each layout takes its turn with the others, so that load drifting during
+the run shifts all alike. The first call of each (compilation, mostly) is timed apart: unrolled
+layouts compile in time about proportional to their size, what model/runtime.py's budgets
+(MAX_BLOCKS, MAX_BRANCHES) answer.
 """
 from __future__ import annotations
 
@@ -27,9 +31,11 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--layers", type=int, default=8)
     args = ap.parse_args()
 
-    cfg, params = params_from_hf(hf_text_model(bench_config(eos_token_id=None, pad_token_id=0)))
+    cfg, params = params_from_hf(hf_text_model(bench_config(
+        eos_token_id=None, pad_token_id=0, num_hidden_layers=args.layers)))
     B, T, n = args.batch, args.prompt, args.steps
     ids = jnp.asarray(np.random.default_rng(0).integers(3, cfg.text.vocab_size, (B, T)), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -49,7 +55,8 @@ def main():
 
     def decode(layout):
         rt = model.resolve(cfg, "decode", layout=layout)
-        p, make_state = rt.view_params(params), prefill("stacked" if layout == "stacked" else "blocks")
+        make_state = prefill("stacked" if layout == "stacked" else "blocks")
+        p = rt.view_params(params)
 
         def run():  # -> seconds per step of the loop alone
             _, (logits, cache) = make_state()
@@ -63,17 +70,21 @@ def main():
 
     runs = {f"prefill {lay}": prefill(lay) for lay in ("stacked", "blocks")}
     runs.update({f"decode {lay}": decode(lay) for lay in ("stacked", "blocks", "experts")})
-    times = {k: [] for k in runs}
+    times, first = {k: [] for k in runs}, {}
     for i in range(args.repeats + 1):  # in turns; the first round compiles and is dropped
         for k, run in runs.items():
+            t0 = time.perf_counter()
             t, _ = run()
             if i:
                 times[k].append(t)
-    print(f"jax {jax.__version__} ({jax.default_backend()}); batch {B}, prompt {T}, "
-          f"{n} decode steps; medians of {args.repeats} runs in turns")
+            else:
+                first[k] = time.perf_counter() - t0
+    print(f"jax {jax.__version__} ({jax.default_backend()}); {args.layers} layers "
+          f"({cfg.text.num_blocks} blocks), batch {B}, prompt {T}, {n} decode steps; medians of "
+          f"{args.repeats} runs in turns; first call (compile) apart")
     for k, ts in times.items():
         unit = "ms/step" if k.startswith("decode") else "ms"
-        print(f"{k:16s} {np.median(ts) * 1e3:8.2f} {unit}")
+        print(f"{k:16s} {np.median(ts) * 1e3:8.2f} {unit:8s} first call {first[k]:5.1f} s")
 
 
 if __name__ == "__main__":

@@ -95,9 +95,9 @@ def merge_heads(x, w):
     return jnp.tensordot(x, w.astype(x.dtype), axes=2)
 
 
-def swiglu(x, wi_gate, wi_up, wo, matmul=jnp.matmul):
+def swiglu(x, wi_gate, wi_up, wo, matmul=jnp.matmul, down=None):
     """down(silu(x @ gate) * (x @ up)) for x [..., D], weights [D, F], [D, F], [F, D]: the dense
     FFN and the shared expert; with a grouped or batched `matmul` (model/kernels/experts.py),
-    every routed expert."""
+    every routed expert. `down`: the last product, when it differs from `matmul`."""
     h = jax.nn.silu(matmul(x, wi_gate)) * matmul(x, wi_up)
-    return matmul(h, wo)
+    return (down or matmul)(h, wo)

@@ -19,7 +19,8 @@ from .layers import MLP, param
 from .runtime import Runtime
 
 # The logical axes of each routed expert's weights [E, D, F], [E, D, F], [E, F, D], after "experts".
-EXPERT_AXES = dict(zip(experts.EXPERT_WEIGHTS, (("embed", "mlp"), ("embed", "mlp"), ("mlp", "embed"))))
+EXPERT_AXES = dict(zip(experts.EXPERT_WEIGHTS,
+                       (("embed", "mlp"), ("embed", "mlp"), ("mlp", "embed"))))
 
 
 class MoE(nn.Module):

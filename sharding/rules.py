@@ -60,7 +60,8 @@ def logical_axes() -> frozenset[str]:
     declared = model.param_axes(every_kind)
     params = {a for spec in jax.tree.leaves(declared, is_leaf=lambda x: isinstance(x, P))
               for a in spec if a is not None}
-    return frozenset(params | set(ACTIVATION) | {a for axes in kv_cache.AXES.values() for a in axes})
+    cache = {a for axes in kv_cache.AXES.values() for a in axes}
+    return frozenset(params | set(ACTIVATION) | cache)
 
 
 def rules_table(rules: str | dict) -> dict[str, tuple[str, ...]]:

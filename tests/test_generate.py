@@ -39,11 +39,13 @@ def _cached_equals_full_forward(cfg, params, **kernel):
     np.testing.assert_allclose(got, full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
 
 
+@pytest.mark.slow
 def test_cached_decode_equals_full_forward(pair):
     _, cfg, params = pair
     _cached_equals_full_forward(cfg, params)
 
 
+@pytest.mark.slow
 def test_cache_read_in_blocks_equals_full_forward(pair):
     """Caches longer than the runtime's dense_max_len slots are read block by block; here with
     blocks of 5 over 37 slots (8 in the ring buffers)."""
@@ -64,6 +66,7 @@ def test_greedy_equals_hf_generate(pair):
         assert (ours[n:] == 0).all()  # stopped where HF stopped (or ran to the same length)
 
 
+@pytest.mark.slow
 def test_ragged_batch_equals_one_by_one(pair):
     _, cfg, params = pair
     r = np.random.default_rng(5)
@@ -76,6 +79,7 @@ def test_ragged_batch_equals_one_by_one(pair):
         assert (batch[b, :T - len(p)] == cfg.text.pad_token_id).all()
 
 
+@pytest.mark.slow
 def test_streaming_equals_one_call(pair):
     _, cfg, params = pair
     prompt = [[5, 6, 7, 8]]
@@ -87,6 +91,7 @@ def test_streaming_equals_one_call(pair):
     assert np.concatenate(pieces, 1).tolist() == whole[:, 4:].tolist()
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_respects_top_k(pair):
     _, cfg, params = pair
     kw = dict(max_new_tokens=15, temperature=1.0, top_k=3, stop_tokens=[])

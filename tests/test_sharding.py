@@ -32,6 +32,7 @@ def ref():
     return cfg, params, ids, logits, tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", MESHES)
 def test_sharded_equals_single_device(ref, spec):
     cfg, params, ids, logits, tokens = ref
@@ -72,6 +73,7 @@ def test_kv_cache_is_sharded(ref):
     assert k.addressable_shards[0].data.shape[1:3] == (1, 1)
 
 
+@pytest.mark.slow
 def test_image_tokens_sharded():
     cfg = multimodal_config(model.tiny(num_experts=8), num_hidden_layers=1)
     params = model.init_params(cfg, jax.random.key(0))
@@ -145,6 +147,7 @@ def test_orbax_restores_into_shards(ref, tmp_path):
     np.testing.assert_allclose(np.asarray(out), logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_two_processes(ref, tmp_path):
     """Two JAX processes on loopback (4 CPU devices each, gloo): a forward sharded over the 8
     devices of both equals the single-process result."""

@@ -41,6 +41,7 @@ def _train_cmd(data, out, *extra):
             *SMALL, *extra]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_same_losses(tmp_path, text_file):
     env = _env(tmp_path)
     ref, run = tmp_path / "uninterrupted", tmp_path / "killed"
@@ -80,6 +81,7 @@ def _error(argv) -> str:
     return str(e.value.code)
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_clear_error_and_leaves_checkpoints_alone(tmp_path, text_file):
     out = tmp_path / "run"
     args = ["--data", str(text_file), "--out", str(out), *SMALL]
@@ -179,6 +181,7 @@ def test_batch_order_depends_only_on_the_step():
     assert sorted(seen) == list(range(R))
 
 
+@pytest.mark.slow
 def test_fine_tune_an_hf_checkpoint_on_chat_records(tmp_path):
     from experiments.hf_reference import hf_text_model
     hf = hf_text_model(text(vocab_size=300))
@@ -197,6 +200,7 @@ def test_fine_tune_an_hf_checkpoint_on_chat_records(tmp_path):
     assert (out / "3").is_dir() and (out / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_sharded_training_equals_one_device(tmp_path):
     """The same run on one device and over 8 (data, expert and tensor axes, with Adam's moments
     split like their parameters): the same losses and parameters; resuming keeps the split."""

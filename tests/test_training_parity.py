@@ -48,6 +48,7 @@ def relative_error(ours, ref):
     return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_loss_and_gradients_match_hf_autograd(case):
     hf = hf_text_model(text(**CASES[case]), seed=0)

@@ -62,6 +62,7 @@ def test_forward_by_blocks_equals_stacked(tiny):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decode_layout", ["experts", "blocks"])
 def test_split_layouts_generate_as_stacked(tiny, decode_layout):
     """What CPU inference runs (prefill by blocks, in two pieces; decoding by experts, or by

@@ -263,6 +263,7 @@ def test_unrunnable_vision_config():
         V.check_config(C.VisionConfig(**{**v.__dict__, "hidden_size": 24, "num_heads": 4}))
 
 
+@pytest.mark.slow
 def test_generation_with_images(hf_and_ours):
     """Prefill splices the image features (its last logits equal the full forward's), and a
     ragged batch with images decodes like each row alone."""

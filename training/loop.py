@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 import model
+from model.config import Config
 import sharding
 
 from . import memory
@@ -92,8 +93,8 @@ def state_shardings(abstract_state, param_shardings, mesh):
     return jax.tree_util.tree_map_with_path(pick, abstract_state)
 
 
-def train(cfg, make_params: Callable[[], dict], rows: Rows, run: RunConfig, optim: OptimConfig,
-          data_info: dict | None = None, tokenizer=None,
+def train(cfg: Config, make_params: Callable[[], dict], rows: Rows, run: RunConfig,
+          optim: OptimConfig, data_info: dict | None = None, tokenizer=None,
           on_step: Callable[[dict], None] | None = None):
     """Train to `optim.steps`, resuming from run.out's latest checkpoint when run.resume.
     `make_params()` is called only when starting fresh; `tokenizer` (a model.tokenizer.Tokenizer)
@@ -111,7 +112,7 @@ def train(cfg, make_params: Callable[[], dict], rows: Rows, run: RunConfig, opti
         ckpt.close()
 
 
-def _train(cfg, make_params, rows, run, optim, data_info, tokenizer, on_step, ckpt, plan):
+def _train(cfg: Config, make_params, rows, run, optim, data_info, tokenizer, on_step, ckpt, plan):
     opt = make_optimizer(optim)
     meta = model_record(cfg) | {
         "data": {"fingerprint": rows.fingerprint(), "rows": len(rows), "seq_len": run.seq,

@@ -3,8 +3,8 @@ and already scaled by its router score (model/moe.py), each returning ys [M, D] 
 
 - `grouped`: dropless. Copies are sorted by expert and each expert's group runs through the
   SwiGLU kernel: `swiglu_ragged` (jax.lax.ragged_dot, a grouped GEMM on accelerators) or
-  `swiglu_rounds` (CPU, where ragged_dot lowers to masked dense work, ~6x slower). It is also the
-  body of expert parallelism: sharding/ runs it inside a shard_map, `first` naming the experts a
+  `swiglu_rounds` (CPU, where ragged_dot lowers to masked dense work). It is also the body of
+  expert parallelism: sharding/ runs it inside a shard_map, `first` naming the experts a
   device holds.
 - `switched`: each copy through its own expert, whose weights are buffers of their own (the
   "experts" layout of CPU decoding, kernels/views.py): the step reads only the selected experts.
@@ -162,6 +162,7 @@ def _one_expert(weights, x):  # a branch of `switched`: x [D] -> [D]
 
 
 def dense(xs, ids, wi_gate, wi_up, wo):
-    """Reference: all E experts on all M copies, each expert's input zero where not routed."""
+    """Reference: all E experts on all M copies, each expert's input zero where not routed; the
+    down projection contracts the experts along with F (one [M, D] out, not E of them)."""
     xe = jnp.einsum("MD,ME->EMD", xs, jax.nn.one_hot(ids, wi_gate.shape[0], dtype=xs.dtype))
-    return swiglu(xe, wi_gate, wi_up, wo).sum(axis=0)
+    return swiglu(xe, wi_gate, wi_up, wo, down=lambda h, w: jnp.einsum("EMF,EFD->MD", h, w))
