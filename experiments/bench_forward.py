@@ -19,9 +19,10 @@ from experiments.hf_reference import hf_text_model, params_from_hf
 
 
 def bench_config(**kw):
-    return dict(vocab_size=8192, hidden_size=256, intermediate_size=512, intermediate_size_mlp=1024,
-                num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-                num_local_experts=16, attention_chunk_size=256, **kw)
+    return {**dict(vocab_size=8192, hidden_size=256, intermediate_size=512,
+                   intermediate_size_mlp=1024, num_hidden_layers=8, num_attention_heads=8,
+                   num_key_value_heads=2, head_dim=32, num_local_experts=16,
+                   attention_chunk_size=256), **kw}
 
 
 def main():

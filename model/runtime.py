@@ -4,14 +4,15 @@ model/'s modules say what Llama 4 computes, over one declared parameter tree (th
 layers stacked by block) and one KV-cache structure. A Runtime says how one call computes it, and
 goes into the jitted functions and the modules as a single static argument:
 
-- phase: "train", "prefill" (a whole sequence, or a prompt piece into the cache) or "decode".
+- phase: "train", "prefill" (a whole sequence, or a prompt piece into the cache) or "decode"
+  (one token per row).
 - layout: how the stored tree is read. "stacked": the blocks are scanned (accelerators, meshes,
   training). On one CPU device inference reads split views of the same arrays instead
   (`kernels.views`): "blocks", each block's weights a buffer of its own, the blocks unrolled;
   "experts", each expert's too, for decoding. Same names and shapes: only the leaves' container
   differs. Unrolled programs compile in time about proportional to their size, so the views are
   taken for up to MAX_BLOCKS blocks and "experts" for up to MAX_BRANCHES switch branches (MoE
-  layers x experts); the compile times behind those budgets are in experiments/results/.
+  layers x experts); `python -m experiments.bench_layouts --layers 48` times the compiles.
 - attention: "xla" (one masked softmax, or blocks with an online softmax past `dense_max_len`
   keys) or "cudnn" (the fused kernel; GPUs in 16-bit).
 - experts: "ragged" (grouped GEMM, jax.lax.ragged_dot), "rounds" (CPU, which has no fast
