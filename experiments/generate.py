@@ -66,10 +66,9 @@ def image_prompt(cfg, tok, args, text_ids):
         tokens = image_processing.ImageTokens(**{f: tok.special[n] for f, n in LAYOUT_TOKENS.items()})
     if tok is None or args.prompt is None:
         return image_processing.build_inputs([text_ids[:0], image, text_ids], cfg, tokens=tokens)
-    if args.chat:  # the image goes at the start of the user's message
-        marker = "\x00image\x00"
-        before, after = tok.render_chat([{"role": "user", "content": marker + args.prompt}]).split(marker)
-        parts = [tok.encode(before, bos=False), image, tok.encode(after, bos=False)]
+    if args.chat:  # the image goes at the start of the user's message, after its header
+        head = tok.encode_chat([], add_generation_prompt=False) + tok.encode_header("user")
+        parts = [head, image, text_ids[len(head):]]
     else:
         parts = [text_ids[:1], image, text_ids[1:]]  # after BOS
     return image_processing.build_inputs(parts, cfg, tokens=tokens)
