@@ -17,7 +17,7 @@ import jax
 from PIL import Image
 
 import checkpoints
-from model import image_processing, sampling
+from model import image_processing, inputs, sampling
 from model.tokenizer import Tokenizer
 
 
@@ -75,7 +75,12 @@ def image_prompt(cfg, tok, args, text_ids):
 
 
 def run(args):
+    if args.chat and args.prompt is None:
+        raise ValueError("--chat wraps --prompt text in a user turn; with --prompt-ids, write "
+                         "the turn's ids yourself")
     cfg, params = checkpoints.load(args.ckpt)
+    inputs.check_decoding(cfg.text.vocab_size, args.max_new_tokens, args.temperature, args.top_k,
+                          args.top_p, args.stream_every)
     tok = None
     if args.prompt is not None or args.tokenizer:
         tok = Tokenizer.load(args.tokenizer or args.ckpt)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import kv_cache, multimodal
+from . import inputs, kv_cache, multimodal
 from .config import Config
 from .decoder import Decoder
 from .layers import place_on_mesh, sharding_plan
@@ -119,6 +119,7 @@ def prefill(cfg: Config, params, input_ids: Sequence[Sequence[int]] | np.ndarray
     cache and state are placed on it (see sharding/); on one CPU device the state's cache is
     split by blocks (`kv_cache.split`). pixel_values [tiles, S, S, 3]: the tiles of every image
     of every row, in order (see `model.image_processing.build_inputs`)."""
+    inputs.check_prompt(input_ids, pixel_values)
     t = cfg.text
     rows = _as_rows(input_ids)
     if max_new_tokens < 1:
@@ -180,6 +181,9 @@ def decode_stream(cfg: Config, params, state, *, max_new_tokens: int, temperatur
                   mesh=None, rules="combined") -> Iterator[np.ndarray]:
     """New tokens [B, n] every `stream_every` tokens (all at once when None), until
     max_new_tokens or every row has stopped. `mesh`, `rules`: as given to `prefill`."""
+    inputs.check_decoding(cfg.text.vocab_size, max_new_tokens, temperature, top_k, top_p,
+                          stream_every)
+    inputs.check_logits_finite(state[0])
     plan, params = place_on_mesh(cfg, params, state[0].shape[0], mesh, rules)
     layout, params = for_inference(cfg, params, plan, "experts")
     stop = list(cfg.text.eos_token_ids if stop_tokens is None else stop_tokens) or [-1]
@@ -207,6 +211,8 @@ def generate(cfg: Config, params, input_ids, *, max_new_tokens: int, **kw) -> np
     pad id to the longest prompt and right-padded after a stop token (eos, eom, eot by default).
     Keywords: temperature (0: greedy), top_k, top_p, seed, stop_tokens, prefill_chunk,
     pixel_values (images, as for `model.forward`); mesh and rules run it sharded (sharding/)."""
+    inputs.check_decoding(cfg.text.vocab_size, max_new_tokens, **{
+        k: kw[k] for k in ("temperature", "top_k", "top_p", "stream_every") if k in kw})
     prefill_kw = {k: kw.pop(k) for k in ("seed", "prefill_chunk", "pixel_values") if k in kw}
     prefill_kw.update({k: kw[k] for k in ("mesh", "rules") if k in kw})
     prompts, state = prefill(cfg, params, input_ids, max_new_tokens=max_new_tokens, **prefill_kw)
