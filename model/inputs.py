@@ -9,23 +9,16 @@ checkpoint with NaN weights decodes token 0 forever.
 from __future__ import annotations
 
 import math
-import numbers
 
 import jax
 import numpy as np
 
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+from .config_checks import is_int, is_real
 
 
 def check_count(name: str, n, minimum: int = 1):
     """An integer count of at least `minimum` (max_new_tokens, stream_every, ...)."""
-    if not _is_int(n) or n < minimum:
+    if not is_int(n) or n < minimum:
         raise ValueError(f"{name} must be an integer of at least {minimum}, got {n!r}")
 
 
@@ -36,13 +29,13 @@ def check_decoding(vocab_size: int, max_new_tokens, temperature=0.0, top_k=None,
     check_count("max_new_tokens", max_new_tokens)
     if stream_every is not None:
         check_count("stream_every", stream_every)
-    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+    if not is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), "
                          f"got {temperature!r}")
-    if top_k is not None and (not _is_int(top_k) or not 1 <= top_k <= vocab_size):
+    if top_k is not None and (not is_int(top_k) or not 1 <= top_k <= vocab_size):
         raise ValueError(f"top_k must be an integer in 1..{vocab_size} (the vocabulary) or None, "
                          f"got {top_k!r}")
-    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
+    if top_p is not None and (not is_real(top_p) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
 
 
@@ -56,7 +49,7 @@ def check_prompt(input_ids, pixel_values=None):
     else:
         for b, row in enumerate(input_ids):
             for j, x in enumerate(row):
-                if not _is_int(x):
+                if not is_int(x):
                     raise ValueError(f"prompt row {b}, position {j}: token id {x!r} is not an "
                                      "integer")
     if pixel_values is not None:
