@@ -105,6 +105,80 @@ def test_bad_input_is_one_clear_error_and_leaves_checkpoints_alone(tmp_path, tex
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--keep", "0"], "keep (--keep) must be an integer >= 1, got 0"),
+    (["--lr", "nan"], "lr (--lr) must be a finite number in (0, inf], got nan"),
+    (["--lr", "inf"], "lr (--lr) must be a finite number in (0, inf], got inf"),
+    (["--lr=-1e-3"], "lr (--lr) must be a finite number in (0, inf], got -0.001"),
+    (["--clip", "-1"], "clip (--clip) must be a finite number in (0, inf], got -1.0"),
+    (["--weight-decay", "-0.1"], "weight_decay (--weight-decay) must be a finite number in [0, inf]"),
+    (["--weight-decay", "1e6"], "lr x weight_decay = 10000 >= 1 would scale every weight by -9999"),
+    (["--steps", "-5"], "steps (--steps) must be an integer >= 1, got -5"),
+    (["--save-every", "0"], "save_every (--save-every) must be an integer >= 1, got 0"),
+    (["--save-every", "-4"], "save_every (--save-every) must be an integer >= 1, got -4"),
+    (["--batch", "0"], "batch (--batch) must be an integer >= 1, got 0"),
+    (["--seq", "-1"], "seq (--seq) must be an integer >= 1, got -1"),
+    (["--seq", "5000"], "seq (--seq) 5000 exceeds the model's 4096 positions"),
+    (["--dtype", "float16"], "float16 overflows to NaN on real weights; use bfloat16"),
+    (["--set", "num_kv_heads=0"], "'num_key_value_heads' (num_kv_heads): must be an integer >= 1"),
+])
+def test_bad_setting_is_one_clear_error_and_writes_nothing(tmp_path, text_file, extra, message):
+    out = tmp_path / "run"
+    msg = _error(["--data", str(text_file), "--out", str(out), *SMALL, *extra])
+    assert msg.startswith("error: ") and message in msg and "\n" not in msg, msg
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "data file '/dev/null' is empty"),
+    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+     b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n', "chat.jsonl:2: not UTF-8 text"),
+    (b'{"messages": [{"role": "user", "content": "<|eot|>"}, {"role": "robot", "content": "x"}]}\n',
+     "chat.jsonl:1: message 1: role 'robot' is not one of"),
+])
+def test_bad_data_is_one_clear_error_and_writes_nothing(tmp_path, content, message):
+    data = "/dev/null"
+    if content is not None:
+        data = tmp_path / "chat.jsonl"
+        data.write_bytes(content)
+    msg = _error(["--data", str(data), "--out", str(tmp_path / "run"), *SMALL])
+    assert msg.startswith("error: ") and message in msg, msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path, text_file):
+    """An lr that passes the checks but blows the weights up: the run stops with an error at the
+    first non-finite step; every checkpoint left is finite, the latest the last before it."""
+    import jax
+    from training import load_params
+    out = tmp_path / "run"
+    msg = _error(["--data", str(text_file), "--out", str(out), *SMALL, "--lr", "1e30",
+                  "--weight-decay", "0", "--save-every", "1", "--keep", "3"])
+    step = int(msg.split("error: step ")[1].split(":")[0])
+    assert f"step {step}: not finite: the gradients" in msg and \
+        f"the latest checkpoint, step {step - 1}, is the last one before it" in msg, msg
+    assert sorted(int(p.name) for p in out.iterdir() if p.name.isdigit())[-1] == step - 1
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, step))
+    _, params = load_params(str(out))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_torn_metrics_line_does_not_block_resume(tmp_path, text_file):
+    out = tmp_path / "run"
+    args = ["--data", str(text_file), "--out", str(out), *SMALL]
+    main([*args, "--stop-at", "4"])
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "aux": 1.00')  # a kill mid-write
+    main([*args, "--stop-at", "6", "--resume"])
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, 7))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join([lines[0], "{torn", *lines[1:]]) + "\n")
+    before = _tree_digest(out)
+    msg = _error([*args, "--stop-at", "8", "--resume"])
+    assert f"{out / 'metrics.jsonl'}:2: not a metrics record" in msg, msg
+    assert _tree_digest(out) == before
+
+
 def test_stream_packing_scores_every_token_once():
     tok = byte_tokenizer()
     docs = [text_document(tok, "abcdefghij"), text_document(tok, "klmnop")]
