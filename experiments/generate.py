@@ -41,6 +41,8 @@ def parse_args(argv=None):
     ap.add_argument("--top-p", type=float)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stream-every", type=int, default=8, help="tokens per decode call")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="load an Orbax --ckpt without checking its integrity record (faster)")
     return ap.parse_args(argv)
 
 
@@ -78,7 +80,7 @@ def run(args):
     if args.chat and args.prompt is None:
         raise ValueError("--chat wraps --prompt text in a user turn; with --prompt-ids, write "
                          "the turn's ids yourself")
-    cfg, params = checkpoints.load(args.ckpt)
+    cfg, params = checkpoints.load(args.ckpt, verify=not args.no_verify)
     inputs.check_decoding(cfg.text.vocab_size, args.max_new_tokens, args.temperature, args.top_k,
                           args.top_p, args.stream_every)
     tok = None
