@@ -1,19 +1,14 @@
 """The quickstart run again after a kill resumes where it stopped; it never takes over or deletes
 a directory that is not its own."""
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from experiments import quickstart
+from tests.runs import cached_env, kill_after_step
 from training import read_metrics
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _cmd(out):
@@ -21,18 +16,11 @@ def _cmd(out):
             "--save-every", "4", "--max-new-tokens", "4"]
 
 
+@pytest.mark.slow
 def test_rerun_after_a_kill_resumes(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jc"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env = cached_env(tmp_path)
     out = tmp_path / "qs"
-    proc = subprocess.Popen(_cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 600
-    while max((m["step"] for m in read_metrics(out)), default=0) < 6:
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    kill_after_step(_cmd(out), env, out, 6)
     rerun = subprocess.run(_cmd(out), env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming {out} from step 4" in rerun.stderr or \

@@ -5,7 +5,6 @@ import json
 import random
 import re
 
-import numpy as np
 import pytest
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors, trainers
 

@@ -1,22 +1,18 @@
 """Training: exact resume after SIGKILL, bad input, packing and chat loss masks."""
 import hashlib
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from experiments.train import main
+from tests.runs import cached_env, kill_after_step
 from training import byte_tokenizer, pack, read_documents, read_metrics
 from training.data import Batches
 from training.text import chat_document, text_document
-
-REPO = Path(__file__).resolve().parents[1]
 TEXT = "def add(a, b):\n    return a + b\n\n" * 200
 SMALL = ["--steps", "1000", "--batch", "4", "--seq", "32", "--warmup", "2", "--lr", "1e-2",
          "--save-every", "4", "--no-progress"]
@@ -29,32 +25,17 @@ def text_file(tmp_path):
     return f
 
 
-def _env(tmp_path):
-    # A compilation cache shared by the three processes: only the first one compiles.
-    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "PYTHONPATH": str(REPO)}
-
-
 def _train_cmd(data, out, *extra):
     return [sys.executable, "-m", "experiments.train", "--data", str(data), "--out", str(out),
             *SMALL, *extra]
 
 
 def test_sigkill_then_resume_gives_the_same_losses(tmp_path, text_file):
-    env = _env(tmp_path)
+    env = cached_env(tmp_path)
     ref, run = tmp_path / "uninterrupted", tmp_path / "killed"
     subprocess.run(_train_cmd(text_file, ref, "--stop-at", "20"), env=env, check=True,
                    capture_output=True)
-
-    proc = subprocess.Popen(_train_cmd(text_file, run), env=env, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while max((m["step"] for m in read_metrics(run)), default=0) < 11:
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_step(_train_cmd(text_file, run), env, run, 11, timeout=300)
 
     resumed = subprocess.run(_train_cmd(text_file, run, "--stop-at", "20", "--resume"), env=env,
                              check=True, capture_output=True, text=True)
