@@ -36,6 +36,8 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path, text_file):
     subprocess.run(_train_cmd(text_file, ref, "--stop-at", "20"), env=env, check=True,
                    capture_output=True)
     kill_after_step(_train_cmd(text_file, run), env, run, 11, timeout=300)
+    with open(run / "metrics.jsonl", "a") as f:  # as a kill in the middle of a write leaves it
+        f.write('{"step": 99, "aux": 1.00')
 
     resumed = subprocess.run(_train_cmd(text_file, run, "--stop-at", "20", "--resume"), env=env,
                              check=True, capture_output=True, text=True)
@@ -127,6 +129,7 @@ def test_bad_data_is_one_clear_error_and_writes_nothing(tmp_path, content, messa
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path, text_file):
     """An lr that passes the checks but blows the weights up: the run stops with an error at the
     first non-finite step; every checkpoint left is finite, the latest the last before it."""
@@ -144,20 +147,15 @@ def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path,
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
-def test_torn_metrics_line_does_not_block_resume(tmp_path, text_file):
-    out = tmp_path / "run"
-    args = ["--data", str(text_file), "--out", str(out), *SMALL]
-    main([*args, "--stop-at", "4"])
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write('{"step": 5, "aux": 1.00')  # a kill mid-write
-    main([*args, "--stop-at", "6", "--resume"])
-    assert [m["step"] for m in read_metrics(out)] == list(range(1, 7))
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    (out / "metrics.jsonl").write_text("\n".join([lines[0], "{torn", *lines[1:]]) + "\n")
-    before = _tree_digest(out)
-    msg = _error([*args, "--stop-at", "8", "--resume"])
-    assert f"{out / 'metrics.jsonl'}:2: not a metrics record" in msg, msg
-    assert _tree_digest(out) == before
+def test_metrics_lines_cut_short_and_damaged(tmp_path):
+    """A last line cut short by a kill mid-write is dropped (the resume in the SIGKILL test reads
+    one); a damaged line before it is an error naming it."""
+    good = [json.dumps({"step": i, "loss": 1.0}) for i in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(good) + '\n{"step": 3, "lo')
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]
+    (tmp_path / "metrics.jsonl").write_text("\n".join([good[0], "{torn", good[1]]) + "\n")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'metrics.jsonl'}:2: not a metrics record"):
+        read_metrics(tmp_path)
 
 
 def test_stream_packing_scores_every_token_once():
