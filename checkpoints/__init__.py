@@ -16,9 +16,10 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from checkpoints import hf, orbax_io
+from checkpoints import hf, integrity, orbax_io
 from checkpoints import keys as K
-from checkpoints.conversion import SLAB_BYTES, hf_to_orbax, open_orbax, orbax_to_hf
+from checkpoints.conversion import (SLAB_BYTES, NonFinite, hf_to_orbax, open_orbax, orbax_to_hf,
+                                    write_orbax)
 from checkpoints.errors import CheckpointError, staged_dir
 from checkpoints.keys import param_shapes
 from model.config import Config
@@ -27,19 +28,23 @@ __all__ = ["CheckpointError", "load", "save", "save_hf", "param_shapes", "hf_to_
            "orbax_to_hf"]
 
 
-def load(path, dtype=None, shardings=None) -> tuple[Config, dict]:
+def load(path, dtype=None, shardings=None, verify: bool = True) -> tuple[Config, dict]:
     """(config, params) from an HF directory or an Orbax directory written by this package.
 
     Leaves are jax.Arrays in the stored dtype unless `dtype` is given; cfg.param_dtype says which.
     `shardings` (one Sharding, a tree of them shaped like params, or a function of the config
     returning either, e.g. `lambda cfg: sharding.param_shardings(cfg, mesh)`) places each leaf
     as it is read; from Orbax each host then reads only its own shards.
+    An Orbax directory is held against its integrity record (integrity.json): every array read
+    is hashed (in one process, in the stored dtype: the values just read; otherwise the stored
+    bytes, read again, all of them on each host). `verify=False` skips that, for speed, on a
+    checkpoint you trust. HF tensors holding NaN or inf are named in a warning.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     if orbax_io.is_orbax_dir(path):
-        cfg, _, stored, _ = open_orbax(path)
+        cfg, _, stored, stores, meta = open_orbax(path, verify=False)  # checked once read, below
         dtype = np.dtype(dtype) if dtype is not None else stored
         shapes = param_shapes(cfg)
         try:
@@ -51,14 +56,20 @@ def load(path, dtype=None, shardings=None) -> tuple[Config, dict]:
                 raise
             raise CheckpointError(f"{path}: cannot read the parameters "
                                   f"({orbax_io.reason(cause)})") from None
+        if verify:  # hashing what was just read, where this process holds it in the stored dtype
+            read = traverse_util.flatten_dict(params) if (
+                dtype == stored and jax.process_count() == 1) else None
+            integrity.verify(path, meta, stores, read)
     else:
         ckpt = hf.HFCheckpoint(path)
         cfg, hf_keys = ckpt.cfg, K.hf_keys(ckpt.cfg, ckpt.layout)
         ckpt.check(hf_keys)
         dtype = np.dtype(dtype) if dtype is not None else ckpt.dtype()
         flat = {p: np.empty(s, dtype) for p, s in param_shapes(cfg).items()}
-        for p, idx, y in K.ours_slabs(hf_keys, ckpt.read, SLAB_BYTES):
+        read = NonFinite(ckpt.read)
+        for p, idx, y in K.ours_slabs(hf_keys, read, SLAB_BYTES):
             flat[p][idx] = y
+        read.warn(path)
         place = _placement(shardings, flat, cfg)
         # pop: each host copy is freed as soon as its leaf is on the device
         params = {p: jax.device_put(flat.pop(p), place[p]) for p in list(flat)}
@@ -97,9 +108,8 @@ def save(path, cfg: Config, params, layout: str | None = None):
     """Write in-memory `params` as a new Orbax directory; `layout` is the HF layout to convert
     back to (default: the one HF uses for this kind of model)."""
     dtype = _check_params(cfg, params)
-    with staged_dir(path) as tmp:
-        orbax_io.write_meta(tmp, cfg, layout or _default_layout(cfg), dtype)
-        orbax_io.save(tmp / orbax_io.PARAMS, params)
+    write_orbax(Path(path), cfg, layout or _default_layout(cfg), dtype,
+                lambda directory: orbax_io.save(directory, params))
 
 
 def save_hf(path, cfg: Config, params, layout: str | None = None, *,

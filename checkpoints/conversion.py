@@ -2,19 +2,23 @@
 
 Both directions move one slab (at most ~SLAB_BYTES of one tensor) at a time, so peak memory does
 not grow with the checkpoint. Every check that can fail runs before the first byte is written,
-and the output appears at its destination only when complete.
+and the output appears at its destination only when complete (errors.staged_dir). An Orbax
+directory is checked against its integrity record before it is read (integrity.py), and NaN or
+inf values in an HF checkpoint are named in a warning.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import math
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
 
-from checkpoints import hf, orbax_io
+from checkpoints import hf, integrity, orbax_io
 from checkpoints import keys as K
 from checkpoints.errors import CheckpointError, staged_dir
 from model.config import Config
@@ -34,23 +38,55 @@ def leaf_specs(cfg: Config, hf_keys: list[K.Key], dtype, slab_bytes: int
             for p, s in K.param_shapes(cfg).items()}
 
 
-def open_orbax(src: Path) -> tuple[Config, str, np.dtype, orbax_io.Stores]:
-    """(config, HF layout, stored dtype, every leaf opened unread) of an Orbax directory, after
-    holding its leaves against the config (every mismatch at once)."""
+def open_orbax(src: Path, verify: bool = True
+               ) -> tuple[Config, str, np.dtype, orbax_io.Stores, dict]:
+    """(config, HF layout, stored dtype, every leaf opened unread, checkpoint.json) of an Orbax
+    directory, after holding its leaves against the config (every mismatch at once) and, with
+    `verify`, the whole directory against its integrity record (reading every byte)."""
     if not src.exists():
         raise CheckpointError(f"{src} does not exist")
     if not orbax_io.is_orbax_dir(src):
         raise CheckpointError(f"{src} is not an Orbax checkpoint written by checkpoints.convert "
                               f"(it needs {orbax_io.META} and {orbax_io.PARAMS}/)")
-    cfg, layout, dtype = orbax_io.read_meta(src)
+    cfg, layout, dtype, meta = orbax_io.read_meta(src)
     try:
         stores = orbax_io.open_lazy(src / orbax_io.PARAMS)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{src / orbax_io.PARAMS} is not a readable Orbax checkpoint "
                               f"({orbax_io.reason(e)})") from None
+    if verify:
+        integrity.verify(src, meta, stores)
     K.check({"/".join(p): s for p, s in K.param_shapes(cfg).items()},
             {"/".join(p): tuple(t.shape) for p, t in stores.items()}, str(src))
-    return cfg, layout, dtype, stores
+    return cfg, layout, dtype, stores, meta
+
+
+def write_orbax(dst: Path, cfg: Config, layout: str, dtype, save: Callable[[Path], None]):
+    """A new Orbax directory `dst`: metadata, the parameters that `save(params_dir)` writes, then
+    the integrity record of what is on disk; it appears at `dst` only when complete."""
+    with staged_dir(dst) as tmp:
+        meta = orbax_io.write_meta(tmp, cfg, layout, dtype)
+        save(tmp / orbax_io.PARAMS)
+        integrity.write(tmp, meta, orbax_io.open_lazy(tmp / orbax_io.PARAMS))
+
+
+class NonFinite:
+    """A reader of HF tensors (name, rows) -> slab that counts the NaN and inf values it passes,
+    so that a conversion or load can say which tensors hold them."""
+
+    def __init__(self, read: Callable[[str, slice], np.ndarray]):
+        self.read, self.counts = read, collections.Counter()
+
+    def __call__(self, name: str, rows: slice) -> np.ndarray:
+        y = self.read(name, rows)
+        self.counts[name] += y.size - np.count_nonzero(np.isfinite(y))
+        return y
+
+    def warn(self, where):
+        bad = [f"{n} ({c})" for n, c in self.counts.items() if c]
+        if bad:
+            warnings.warn(f"{where}: {len(bad)} tensor(s) hold NaN or inf values (count in "
+                          f"brackets): {K.listing(bad)}; the model will compute NaN", stacklevel=3)
 
 
 def _bar(total: int, desc: str, progress: bool) -> tqdm:
@@ -65,6 +101,7 @@ def hf_to_orbax(src, dst, dtype=None, *, slab_bytes: int = SLAB_BYTES, progress:
     ckpt.check(hf_keys)
     dtype = np.dtype(dtype) if dtype is not None else ckpt.dtype()
     total = sum(math.prod(k.hf_shape) * hf.DTYPES[ckpt.tensors[k.hf][1]].itemsize for k in hf_keys)
+    read = NonFinite(ckpt.read)
 
     async def fill(stores: orbax_io.Stores):
         # Each commit syncs to disk: waiting for each in turn made small tensors crawl, and
@@ -74,7 +111,7 @@ def hf_to_orbax(src, dst, dtype=None, *, slab_bytes: int = SLAB_BYTES, progress:
         held = 0
         try:
             with _bar(total, f"{src.name} -> orbax", progress) as bar:
-                for path, idx, y in K.ours_slabs(hf_keys, ckpt.read, slab_bytes):
+                for path, idx, y in K.ours_slabs(hf_keys, read, slab_bytes):
                     bar.update(y.nbytes)
                     y = y.astype(dtype, copy=False)
                     write = stores[path][idx].write(y)
@@ -91,17 +128,18 @@ def hf_to_orbax(src, dst, dtype=None, *, slab_bytes: int = SLAB_BYTES, progress:
             if isinstance(result, BaseException):
                 raise result
 
-    with staged_dir(dst) as tmp:
-        orbax_io.write_meta(tmp, ckpt.cfg, ckpt.layout, dtype)
-        orbax_io.save_streamed(tmp / orbax_io.PARAMS,
-                               leaf_specs(ckpt.cfg, hf_keys, dtype, slab_bytes), fill)
+    write_orbax(dst, ckpt.cfg, ckpt.layout, dtype, lambda params: orbax_io.save_streamed(
+        params, leaf_specs(ckpt.cfg, hf_keys, dtype, slab_bytes), fill))
+    read.warn(src)
 
 
 def orbax_to_hf(src, dst, dtype=None, *, slab_bytes: int = SLAB_BYTES,
-                max_shard_bytes: int = hf.MAX_SHARD_BYTES, progress: bool = True):
-    """Orbax directory `src` -> new HF directory `dst`, in the key layout `src` came from."""
+                max_shard_bytes: int = hf.MAX_SHARD_BYTES, progress: bool = True,
+                verify: bool = True):
+    """Orbax directory `src` -> new HF directory `dst`, in the key layout `src` came from.
+    `verify`: check `src` against its integrity record first."""
     src, dst = Path(src), Path(dst)
-    cfg, layout, stored, stores = open_orbax(src)
+    cfg, layout, stored, stores, _ = open_orbax(src, verify)
     dtype = np.dtype(dtype) if dtype is not None else stored
     total = sum(math.prod(s) for s in K.param_shapes(cfg).values()) * dtype.itemsize
 

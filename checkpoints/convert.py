@@ -4,11 +4,14 @@
     python -m checkpoints.convert SRC DST --to hf                      # Orbax dir -> HF dir
 
 Bad input prints one `error: ...` line naming the file or tensor and exits 1, leaving no DST.
+An Orbax SRC is checked against its integrity record first (--no-verify skips it); HF tensors
+holding NaN or inf are named in a `warning: ...` line.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from checkpoints import hf
@@ -26,14 +29,26 @@ def main(argv=None) -> int:
                    help="dtype to store (default: the source's)")
     p.add_argument("--max-shard-bytes", type=int, default=hf.MAX_SHARD_BYTES,
                    help="with --to hf: start a new safetensors shard beyond this size")
+    p.add_argument("--no-verify", action="store_true",
+                   help="with --to hf: skip checking SRC against its integrity record")
     args = p.parse_args(argv)
-    try:
-        if args.to == "orbax":
-            hf_to_orbax(args.src, args.dst, args.dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if args.to == "orbax":
+                hf_to_orbax(args.src, args.dst, args.dtype)
+            else:
+                orbax_to_hf(args.src, args.dst, args.dtype, max_shard_bytes=args.max_shard_bytes,
+                            verify=not args.no_verify)
+        except CheckpointError as e:
+            error = e
         else:
-            orbax_to_hf(args.src, args.dst, args.dtype, max_shard_bytes=args.max_shard_bytes)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
+            error = None
+    for w in caught:
+        if issubclass(w.category, UserWarning):  # ours; libraries' deprecations stay quiet
+            print(f"warning: {w.message}", file=sys.stderr)
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,4 +1,5 @@
-"""Our Orbax directories: the parameter tree (Orbax), config.json (HF form) and checkpoint.json.
+"""Our Orbax directories: the parameter tree (Orbax), config.json (HF form), checkpoint.json and
+integrity.json (see integrity.py).
 
 checkpoint.json records the HF key layout the weights came from, so converting back writes the
 same layout, and the dtype the leaves are stored in.
@@ -26,10 +27,10 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from flax import traverse_util
 
-from checkpoints.errors import CheckpointError
+from checkpoints.errors import CheckpointError, quiet_orbax
 from checkpoints.hf import read_config, read_json
-from checkpoints.keys import Path as LeafPath
-from model.config import Config, to_hf
+from checkpoints.keys import LAYOUTS, Path as LeafPath
+from model.config import PARAM_DTYPES, Config, to_hf
 
 Stores = dict[LeafPath, ts.TensorStore]
 PARAMS, META, FORMAT = "params", "checkpoint.json", "llama4-jax/1"
@@ -52,19 +53,30 @@ def read_error(e: BaseException | None) -> ValueError | None:
     return e
 
 
-def write_meta(directory: Path, cfg: Config, layout: str, dtype: np.dtype):
+def write_meta(directory: Path, cfg: Config, layout: str, dtype: np.dtype) -> dict:
+    """Write config.json and checkpoint.json; returns what checkpoint.json holds."""
     (directory / "config.json").write_text(json.dumps(to_hf(cfg), indent=2) + "\n")
     meta = {"format": FORMAT, "hf_layout": layout, "param_dtype": np.dtype(dtype).name}
     (directory / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
 
 
-def read_meta(directory: Path) -> tuple[Config, str, np.dtype]:
-    """(config, HF layout, stored dtype) of an Orbax directory written by this package."""
-    meta = read_json(directory / META)
+def read_meta(directory: Path) -> tuple[Config, str, np.dtype, dict]:
+    """(config, HF layout, stored dtype, checkpoint.json) of an Orbax directory written by this
+    package; a field that is missing or not one we write is one error naming it."""
+    path = directory / META
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{directory / META}: format {meta.get('format')!r} "
-                              f"is not {FORMAT!r}")
-    return read_config(directory / "config.json"), meta["hf_layout"], np.dtype(meta["param_dtype"])
+        raise CheckpointError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    for field, allowed in (("hf_layout", sorted(LAYOUTS)), ("param_dtype", list(PARAM_DTYPES))):
+        if field not in meta:
+            raise CheckpointError(f"{path} has no {field!r} field")
+        if meta[field] not in allowed:
+            raise CheckpointError(f"{path}: {field} {meta[field]!r} is not one of {allowed}")
+    return (read_config(directory / "config.json"), meta["hf_layout"],
+            np.dtype(meta["param_dtype"]), meta)
 
 
 @dataclass(frozen=True)
@@ -149,14 +161,14 @@ def save_streamed(directory: Path, specs: dict[LeafPath, LeafSpec],
                   fill: Callable[[Stores], Awaitable[None]]):
     """Create the Orbax checkpoint `directory` with leaves `specs`, their data written by `fill`."""
     directory = Path(directory).absolute()  # Orbax refuses relative paths
-    with ocp.Checkpointer(_handler((LeafSpec, _StreamingHandler(fill)))) as ckptr:
+    with quiet_orbax(), ocp.Checkpointer(_handler((LeafSpec, _StreamingHandler(fill)))) as ckptr:
         ckptr.save(directory, args=ocp.args.PyTreeSave(traverse_util.unflatten_dict(specs)))
 
 
 def save(directory: Path, params: Any):
     """Save an in-memory parameter tree with the stock handlers."""
     directory = Path(directory).absolute()  # Orbax refuses relative paths
-    with ocp.Checkpointer(_handler()) as ckptr:
+    with quiet_orbax(), ocp.Checkpointer(_handler()) as ckptr:
         ckptr.save(directory, args=ocp.args.PyTreeSave(params))
 
 
@@ -166,7 +178,7 @@ def restore(directory: Path, shapes: dict[LeafPath, tuple[int, ...]], dtype,
     directory = Path(directory).absolute()  # Orbax refuses relative paths
     args = {p: ocp.ArrayRestoreArgs(restore_type=jax.Array, dtype=dtype, sharding=shardings[p],
                                     global_shape=shape) for p, shape in shapes.items()}
-    with ocp.Checkpointer(_handler()) as ckptr:
+    with quiet_orbax(), ocp.Checkpointer(_handler()) as ckptr:
         return ckptr.restore(directory, args=ocp.args.PyTreeRestore(
             restore_args=traverse_util.unflatten_dict(args)))
 
@@ -180,5 +192,6 @@ def open_lazy(directory: Path) -> Stores:
     registry = ocp.type_handlers.create_type_handler_registry(
         (jax.Array, ocp.type_handlers.ArrayHandler()), (np.ndarray, _LazyHandler()),
         (_LazyArrayHandler, _LazyArrayHandler()))
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ckptr:
+    with quiet_orbax(), \
+            ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ckptr:
         return traverse_util.flatten_dict(ckptr.restore(directory))

@@ -17,7 +17,7 @@ import jax
 from PIL import Image
 
 import checkpoints
-from model import image_processing, sampling
+from model import image_processing, inputs, sampling
 from model.tokenizer import Tokenizer
 
 
@@ -41,6 +41,8 @@ def parse_args(argv=None):
     ap.add_argument("--top-p", type=float)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stream-every", type=int, default=8, help="tokens per decode call")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="load an Orbax --ckpt without checking its integrity record (faster)")
     return ap.parse_args(argv)
 
 
@@ -66,17 +68,21 @@ def image_prompt(cfg, tok, args, text_ids):
         tokens = image_processing.ImageTokens(**{f: tok.special[n] for f, n in LAYOUT_TOKENS.items()})
     if tok is None or args.prompt is None:
         return image_processing.build_inputs([text_ids[:0], image, text_ids], cfg, tokens=tokens)
-    if args.chat:  # the image goes at the start of the user's message
-        marker = "\x00image\x00"
-        before, after = tok.render_chat([{"role": "user", "content": marker + args.prompt}]).split(marker)
-        parts = [tok.encode(before, bos=False), image, tok.encode(after, bos=False)]
+    if args.chat:  # the image goes at the start of the user's message, after its header
+        head = tok.encode_chat([], add_generation_prompt=False) + tok.encode_header("user")
+        parts = [head, image, text_ids[len(head):]]
     else:
         parts = [text_ids[:1], image, text_ids[1:]]  # after BOS
     return image_processing.build_inputs(parts, cfg, tokens=tokens)
 
 
 def run(args):
-    cfg, params = checkpoints.load(args.ckpt)
+    if args.chat and args.prompt is None:
+        raise ValueError("--chat wraps --prompt text in a user turn; with --prompt-ids, write "
+                         "the turn's ids yourself")
+    cfg, params = checkpoints.load(args.ckpt, verify=not args.no_verify)
+    inputs.check_decoding(cfg.text.vocab_size, args.max_new_tokens, args.temperature, args.top_k,
+                          args.top_p, args.stream_every)
     tok = None
     if args.prompt is not None or args.tokenizer:
         tok = Tokenizer.load(args.tokenizer or args.ckpt)

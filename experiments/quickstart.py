@@ -2,6 +2,9 @@
 
     python -m experiments.quickstart [--out runs/quickstart] [--steps N]
 
+Run again after a kill, it resumes from its latest checkpoint (OUT/quickstart.json marks a
+directory as a quickstart run; any other non-empty OUT is refused, and nothing in it touched).
+
 Every Llama 4 feature is on: MoE layers (sigmoid top-1 router, the score on the expert input)
 with a shared expert, iRoPE (three chunked-attention RoPE layers with QK norm, then one global
 NoPE layer with temperature tuning; the chunk is shorter than the row and floor_scale small, so
@@ -33,6 +36,7 @@ from model.config import Config, TextConfig
 from training import OptimConfig, RunConfig
 from training.step import eval_step
 
+MARKER = "quickstart.json"
 PROMPT = "import os\n\n\ndef read_lines(path):\n"
 SEQ, BATCH = 256, 8
 TEMPERATURE = 0.5
@@ -94,18 +98,44 @@ def plot(history, entropy, held_out, path):
     fig.savefig(path, dpi=120)
 
 
+def claim_out(out: str, settings: dict):
+    """Make OUT a quickstart run directory (or find that it is one), before anything else is
+    written to it. The marker is written first, so a kill at any later point leaves a directory
+    that the next run recognises and resumes."""
+    marker = os.path.join(out, MARKER)
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(marker):
+        sys.exit(f"error: {out} exists and is not a quickstart run (it has no {MARKER}); "
+                 "choose another --out")
+    if os.path.exists(out) and not os.path.isdir(out):
+        sys.exit(f"error: {out} exists and is not a directory; choose another --out")
+    os.makedirs(out, exist_ok=True)
+    with open(marker + ".tmp", "w") as f:
+        json.dump(settings, f)
+    os.replace(marker + ".tmp", marker)
+
+
 def main(argv=None):
+    try:
+        _main(argv)
+    except (training.SettingsError, training.ResumeError, training.DivergedError) as e:
+        sys.exit(f"error: {e}")
+
+
+def _main(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/quickstart")
     ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--max-new-tokens", type=int, default=300)
     args = ap.parse_args(argv)
     t_start = time.time()
-    if os.path.exists(args.out):  # the quickstart starts fresh, over its own earlier run only
-        if not os.path.exists(os.path.join(args.out, "metrics.jsonl")):
-            sys.exit(f"error: {args.out} exists and is not an earlier quickstart run; "
-                     "choose another --out")
-        shutil.rmtree(args.out)
+    optim = OptimConfig(lr=1.5e-3, warmup=min(40, args.steps // 10), steps=args.steps,
+                        min_lr_ratio=0.1, weight_decay=0.1, clip=1.0)
+    # resume: an earlier run in OUT continues from its latest checkpoint (from scratch if it
+    # had none); its settings must match (training refuses a different run, naming the field).
+    run = RunConfig(out=args.out, batch=BATCH, seq=SEQ, seed=0, save_every=args.save_every,
+                    keep=2, resume=True)
+    claim_out(args.out, {"steps": args.steps, "save_every": args.save_every})
 
     tok = training.byte_tokenizer()
     cfg = quickstart_config(tok)
@@ -122,17 +152,18 @@ def main(argv=None):
           f"{BATCH} x {SEQ} bytes = {args.steps * BATCH * SEQ / 1e6:.1f}M bytes, "
           f"{jax.default_backend()} {cfg.dtype}", flush=True)
 
-    optim = OptimConfig(lr=1.5e-3, warmup=min(40, args.steps // 10), steps=args.steps,
-                        min_lr_ratio=0.1, weight_decay=0.1, clip=1.0)
-    run = RunConfig(out=args.out, batch=BATCH, seq=SEQ, seed=0, save_every=100, keep=2)
     t0 = time.time()
-    _, history = training.train(cfg, lambda: model.init_params(cfg, jax.random.key(0)), rows,
-                                run, optim, {"kind": kind, "tokenizer": "bytes"}, tokenizer=tok)
+    training.train(cfg, lambda: model.init_params(cfg, jax.random.key(0)), rows, run, optim,
+                   {"kind": kind, "tokenizer": "bytes"}, tokenizer=tok)
     t_train = time.time() - t0
+    history = training.read_metrics(args.out)  # every step, those of earlier runs too
 
-    # Reload from disk: the training checkpoint, then the exported inference checkpoint.
+    # Reload from disk: the training checkpoint, then the exported inference checkpoint (made
+    # anew from the final checkpoint, over any export of an earlier run).
     cfg2, params = training.load_params(args.out)
     export = os.path.join(args.out, "model")
+    if os.path.exists(export):
+        shutil.rmtree(export)
     checkpoints.save(export, cfg2, params)
     tok.tk.save(os.path.join(export, "tokenizer.json"))
     cfg3, params = checkpoints.load(export)

@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args):
+    # Settings first: nothing is read (a checkpoint or data may be large) before they are sound.
+    optim = OptimConfig(lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
+                        steps=args.steps, weight_decay=args.weight_decay, clip=args.clip)
+    run_cfg = RunConfig(out=args.out, batch=args.batch, seq=args.seq, seed=args.seed,
+                        save_every=args.save_every, keep=args.keep, resume=args.resume,
+                        stop_at=args.stop_at, async_save=not args.no_async,
+                        progress=not args.no_progress, mesh=args.mesh, rules=args.rules)
     tok_path = args.tokenizer
     if args.init and tok_path is None and os.path.isfile(os.path.join(args.init, "tokenizer.json")):
         tok_path = os.path.join(args.init, "tokenizer.json")
@@ -128,6 +135,7 @@ def run(args):
     if tok.vocab_size > cfg.text.vocab_size:
         raise DataError(f"the tokenizer has {tok.vocab_size} tokens, the model only "
                         f"{cfg.text.vocab_size}")
+    training.check_run(cfg, run_cfg)
 
     docs, kind = training.read_documents(tok, expand_paths(args.data))
     rows = training.pack(docs, kind, args.seq, tok.special.get("pad", 0))
@@ -135,12 +143,6 @@ def run(args):
     print(f"data: {len(docs)} {kind} documents -> {len(rows)} rows of {args.seq + 1} tokens, "
           f"{n_targets:,} targets; model: {model.config.param_count(cfg)['text'] / 1e6:.2f}M "
           f"parameters, {jax.default_backend()} {args.dtype}", file=sys.stderr)
-    optim = OptimConfig(lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
-                        steps=args.steps, weight_decay=args.weight_decay, clip=args.clip)
-    run_cfg = RunConfig(out=args.out, batch=args.batch, seq=args.seq, seed=args.seed,
-                        save_every=args.save_every, keep=args.keep, resume=args.resume,
-                        stop_at=args.stop_at, async_save=not args.no_async,
-                        progress=not args.no_progress, mesh=args.mesh, rules=args.rules)
     info = {"kind": kind, "tokenizer": tok_path or "bytes"}
     return training.train(cfg, make_params, rows, run_cfg, optim, info, tokenizer=tok)
 
@@ -148,7 +150,8 @@ def run(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     errors = (DataError, ConfigError, training.ResumeError, training.MemoryLimitError,
-              FileNotFoundError, sharding.ShardingError)
+              training.SettingsError, training.DivergedError, FileNotFoundError,
+              sharding.ShardingError)
     try:
         import checkpoints
         errors += (checkpoints.CheckpointError,)

@@ -10,14 +10,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .config_checks import (ConfigError, check, check_bools, check_int_tuple, check_ints,
+                            check_numbers, is_int, read_int, read_list, read_number, read_object)
 
-class ConfigError(ValueError):
-    """A config.json (or a preset override) that we cannot honour; the message names the field."""
-
-
-def _check(ok: bool, name: str, why: str):
-    if not ok:
-        raise ConfigError(f"config field {name!r}: {why}")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+PARAM_DTYPES = ("float32", "bfloat16", "float16")  # float16: HF checkpoints stored as F16
+REMAT = ("none", "full", "dots")
 
 
 @dataclass(frozen=True)
@@ -27,6 +25,10 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 1.0
     original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        check_numbers(self, ("factor", "low_freq_factor", "high_freq_factor"), prefix="rope_scaling.")
+        check_ints(self, ("original_max_position_embeddings",), prefix="rope_scaling.")
 
 
 @dataclass(frozen=True)
@@ -66,16 +68,33 @@ class TextConfig:
     pad_token_id: int | None = 200018
 
     def __post_init__(self):
-        _check(self.num_heads % self.num_kv_heads == 0, "num_attention_heads",
-               f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} KV heads")
-        _check(self.head_dim % 2 == 0, "head_dim", f"RoPE needs an even head_dim, got {self.head_dim}")
-        _check(1 <= self.experts_per_token <= self.num_experts, "num_experts_per_tok",
-               f"{self.experts_per_token} not in 1..{self.num_experts}")
+        # Types and signs first: the relations below would otherwise fail as a TypeError or a
+        # ZeroDivisionError (zero KV heads).
+        check_ints(self, ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                          "head_dim", "intermediate_size", "intermediate_size_mlp", "num_experts",
+                          "experts_per_token", "max_position_embeddings"))
+        check(self.attention_chunk_size is None or is_int(self.attention_chunk_size)
+              and self.attention_chunk_size > 0, "attention_chunk_size",
+              f"must be a positive integer or null, got {self.attention_chunk_size!r}")
+        check_numbers(self, ("rope_theta", "floor_scale", "rms_norm_eps"))
+        check_numbers(self, ("attn_scale", "router_aux_loss_coef"), positive=False)
+        check_bools(self, ("use_qk_norm", "attn_temperature_tuning"))
+        check(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling),
+              "rope_scaling", f"must be a RopeScaling or None, got {self.rope_scaling!r}")
+        for name in ("moe_layers", "nope_layers", "eos_token_ids"):
+            check_int_tuple(self, name)
+        for name in ("bos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            check(v is None or is_int(v) and v >= 0, name,
+                  f"must be a token id (an integer >= 0) or null, got {v!r}")
+        check(self.num_heads % self.num_kv_heads == 0, "num_heads",
+              f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} KV heads")
+        check(self.head_dim % 2 == 0, "head_dim", f"RoPE needs an even head_dim, got {self.head_dim}")
+        check(self.experts_per_token <= self.num_experts, "experts_per_token",
+              f"{self.experts_per_token} not in 1..{self.num_experts}")
         for name in ("moe_layers", "nope_layers"):
             bad = [i for i in getattr(self, name) if not 0 <= i < self.num_layers]
-            _check(not bad, name, f"layer indices {bad} outside 0..{self.num_layers - 1}")
-        _check(self.attention_chunk_size is None or self.attention_chunk_size > 0,
-               "attention_chunk_size", f"must be positive, got {self.attention_chunk_size}")
+            check(not bad, name, f"layer indices {bad} outside 0..{self.num_layers - 1}")
 
     @property
     def layer_specs(self) -> tuple[LayerSpec, ...]:
@@ -118,6 +137,19 @@ class VisionConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
 
+    def __post_init__(self):
+        p = "vision_config."
+        check_ints(self, ("image_size", "patch_size", "num_channels", "hidden_size", "num_layers",
+                          "num_heads", "intermediate_size", "projector_input_dim",
+                          "projector_output_dim", "vision_output_dim"), prefix=p)
+        check_numbers(self, ("rope_theta", "norm_eps", "pixel_shuffle_ratio"), prefix=p)
+        check(self.pixel_shuffle_ratio <= 1, p + "pixel_shuffle_ratio",
+              f"must be in (0, 1], got {self.pixel_shuffle_ratio}")
+        check(self.image_size % self.patch_size == 0, p + "image_size",
+              f"{self.image_size} is not a multiple of patch_size {self.patch_size}")
+        check(self.hidden_size % self.num_heads == 0, p + "hidden_size",
+              f"{self.hidden_size} is not a multiple of num_attention_heads {self.num_heads}")
+
 
 @dataclass(frozen=True)
 class Config:
@@ -130,6 +162,19 @@ class Config:
     dtype: str = "float32"                  # compute dtype (bfloat16 on accelerators)
     param_dtype: str = "float32"
     remat: str = "none"                     # none | full | dots: rematerialisation of each layer block
+
+    def __post_init__(self):
+        # float16 is refused, not offered: its range (65504) is exceeded by real activations
+        # (RMSNorm's sum of squares, attention scores) on weights a few times the tiny presets',
+        # and the model keeps no reduction in float32. bfloat16 costs the same memory.
+        check(self.dtype in COMPUTE_DTYPES, "dtype",
+              f"compute dtype {self.dtype!r} is not one of {list(COMPUTE_DTYPES)}"
+              + (" (float16 overflows to NaN on real weights; use bfloat16, the same size)"
+                 if self.dtype == "float16" else ""))
+        check(self.param_dtype in PARAM_DTYPES, "param_dtype",
+              f"{self.param_dtype!r} is not one of {list(PARAM_DTYPES)}")
+        check(self.remat in REMAT, "remat", f"{self.remat!r} is not one of {list(REMAT)}")
+        check_ints(self, ("image_token_id", "boi_token_id", "eoi_token_id"), minimum=0)
 
     def replace(self, **kw) -> "Config":
         return dataclasses.replace(self, **kw)
@@ -228,22 +273,25 @@ def _text_from_hf(d: dict, where: str) -> TextConfig:
     _must_equal(d, "tie_word_embeddings", False, where)
     _must_equal(d, "router_jitter_noise", 0.0, where)
     dflt = TextConfig()
-    L = d.get("num_hidden_layers", dflt.num_layers)
-    step = d.get("interleave_moe_layer_step", 1)
-    moe = d.get("moe_layers")
+    # Fields used in arithmetic here are read checked; the rest are checked by TextConfig.
+    L = read_int(d, "num_hidden_layers", dflt.num_layers, where)
+    step = read_int(d, "interleave_moe_layer_step", 1, where)
+    moe = read_list(d, "moe_layers", where)
     moe = tuple(moe) if moe is not None else every(step, L, step - 1)
-    interval = d.get("no_rope_layer_interval", 4)
-    flags = d.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(L)]
-    if len(flags) < L:
-        raise ConfigError(f"{where}: 'no_rope_layers' has {len(flags)} entries for {L} layers")
+    interval = read_int(d, "no_rope_layer_interval", 4, where)
+    flags = read_list(d, "no_rope_layers", where) or [int((i + 1) % interval != 0) for i in range(L)]
+    if len(flags) < L or any(f not in (0, 1) or isinstance(f, float) for f in flags):
+        raise ConfigError(f"{where}: 'no_rope_layers' must hold a 0 or 1 for each of the {L} "
+                          f"layers, got {flags!r}")
     nope = tuple(i for i in range(L) if not flags[i])
 
-    rope = d.get("rope_parameters") or {}
-    legacy = d.get("rope_scaling") or {}
+    rope = read_object(d, "rope_parameters", where)
+    legacy = read_object(d, "rope_scaling", where)
     if rope and legacy:
         raise ConfigError(f"{where}: both 'rope_parameters' and 'rope_scaling' are set; keep one")
     rope = dict(rope or legacy)
-    theta = rope.pop("rope_theta", d.get("rope_theta", dflt.rope_theta))
+    theta = read_number(rope, "rope_theta", d.get("rope_theta", dflt.rope_theta), where)
+    rope.pop("rope_theta", None)
     rope_type = rope.pop("rope_type", rope.pop("type", "default" if not rope else "llama3"))
     if rope_type == "default":
         scaling = None
@@ -252,16 +300,18 @@ def _text_from_hf(d: dict, where: str) -> TextConfig:
             scaling = RopeScaling(**rope)
         except TypeError as e:
             raise ConfigError(f"{where}: 'rope_scaling' fields {sorted(rope)}: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
     else:
         raise ConfigError(f"{where}: rope type {rope_type!r} is not used by Llama 4 "
                           "(expected 'llama3' or 'default')")
 
-    layer_types = d.get("layer_types")
+    layer_types = read_list(d, "layer_types", where)
     chunk = d.get("attention_chunk_size", dflt.attention_chunk_size)
     if layer_types is not None:
         want = ["chunked_attention" if flags[i] and chunk is not None else "full_attention"
                 for i in range(L)]
-        if list(layer_types) != want:
+        if layer_types != want:
             raise ConfigError(f"{where}: 'layer_types' contradicts 'no_rope_layers' / "
                               "'attention_chunk_size' (RoPE layers are chunked, NoPE layers full)")
     eos = d.get("eos_token_id", dflt.eos_token_ids)
@@ -269,28 +319,26 @@ def _text_from_hf(d: dict, where: str) -> TextConfig:
     temp = d.get("attn_temperature_tuning", True)
     if not isinstance(temp, (bool, int)):
         raise ConfigError(f"{where}: 'attn_temperature_tuning' must be a bool, got {temp!r}")
+    hidden = read_int(d, "hidden_size", dflt.hidden_size, where)
+    heads = read_int(d, "num_attention_heads", dflt.num_heads, where)
     try:
         return TextConfig(
-            vocab_size=d.get("vocab_size", dflt.vocab_size),
-            hidden_size=d.get("hidden_size", dflt.hidden_size),
-            num_layers=L,
-            num_heads=d.get("num_attention_heads", dflt.num_heads),
-            num_kv_heads=d.get("num_key_value_heads", dflt.num_kv_heads),
-            head_dim=d.get("head_dim") or d.get("hidden_size", dflt.hidden_size)
-            // d.get("num_attention_heads", dflt.num_heads),
+            vocab_size=d.get("vocab_size", dflt.vocab_size), hidden_size=hidden, num_layers=L,
+            num_heads=heads, num_kv_heads=d.get("num_key_value_heads", dflt.num_kv_heads),
+            head_dim=d["head_dim"] if d.get("head_dim") is not None else hidden // heads,
             intermediate_size=d.get("intermediate_size", dflt.intermediate_size),
             intermediate_size_mlp=d.get("intermediate_size_mlp", dflt.intermediate_size_mlp),
             num_experts=d.get("num_local_experts", dflt.num_experts),
             experts_per_token=d.get("num_experts_per_tok", dflt.experts_per_token),
             moe_layers=moe, nope_layers=nope, attention_chunk_size=chunk,
-            rope_theta=float(theta), rope_scaling=scaling,
-            use_qk_norm=bool(d.get("use_qk_norm", True)),
-            attn_temperature_tuning=bool(temp),
-            floor_scale=float(d.get("floor_scale", dflt.floor_scale)),
-            attn_scale=float(d.get("attn_scale", dflt.attn_scale)),
-            rms_norm_eps=float(d.get("rms_norm_eps", dflt.rms_norm_eps)),
+            rope_theta=theta, rope_scaling=scaling,
+            use_qk_norm=d.get("use_qk_norm", True), attn_temperature_tuning=bool(temp),
+            floor_scale=read_number(d, "floor_scale", dflt.floor_scale, where),
+            attn_scale=read_number(d, "attn_scale", dflt.attn_scale, where),
+            rms_norm_eps=read_number(d, "rms_norm_eps", dflt.rms_norm_eps, where),
             max_position_embeddings=d.get("max_position_embeddings", 131072),
-            router_aux_loss_coef=float(d.get("router_aux_loss_coef", dflt.router_aux_loss_coef)),
+            router_aux_loss_coef=read_number(d, "router_aux_loss_coef",
+                                             dflt.router_aux_loss_coef, where),
             bos_token_id=d.get("bos_token_id", 1),
             eos_token_ids=(() if eos is None  # `eos_token_id: null`: no stop token
                            else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)),
@@ -307,21 +355,27 @@ def _vision_from_hf(d: dict, where: str) -> VisionConfig:
     _reject_unknown(d, read | _IGNORED_VISION, where)
     _must_equal(d, "multi_modal_projector_bias", False, where)
     dflt = VisionConfig()
-    theta = (d.get("rope_parameters") or {}).get("rope_theta", d.get("rope_theta", dflt.rope_theta))
-    return VisionConfig(
-        image_size=d.get("image_size", 448), patch_size=d.get("patch_size", 14),
-        num_channels=d.get("num_channels", 3), hidden_size=d.get("hidden_size", 768),
-        num_layers=d.get("num_hidden_layers", 34), num_heads=d.get("num_attention_heads", 16),
-        intermediate_size=d.get("intermediate_size", 5632),
-        pixel_shuffle_ratio=d.get("pixel_shuffle_ratio", 0.5),
-        projector_input_dim=d.get("projector_input_dim", 4096),
-        projector_output_dim=d.get("projector_output_dim", 4096),
-        vision_output_dim=d.get("vision_output_dim", 7680), rope_theta=float(theta),
-        norm_eps=d.get("norm_eps", 1e-5))
+    theta = read_number(read_object(d, "rope_parameters", where), "rope_theta",
+                        d.get("rope_theta", dflt.rope_theta), where)
+    try:
+        return VisionConfig(
+            image_size=d.get("image_size", 448), patch_size=d.get("patch_size", 14),
+            num_channels=d.get("num_channels", 3), hidden_size=d.get("hidden_size", 768),
+            num_layers=d.get("num_hidden_layers", 34), num_heads=d.get("num_attention_heads", 16),
+            intermediate_size=d.get("intermediate_size", 5632),
+            pixel_shuffle_ratio=d.get("pixel_shuffle_ratio", 0.5),
+            projector_input_dim=d.get("projector_input_dim", 4096),
+            projector_output_dim=d.get("projector_output_dim", 4096),
+            vision_output_dim=d.get("vision_output_dim", 7680), rope_theta=theta,
+            norm_eps=d.get("norm_eps", 1e-5))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def from_hf(d: dict[str, Any], where: str = "config.json") -> Config:
     """Config from an HF config.json dict: `llama4` (text + vision) or `llama4_text` (text only)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: must be a JSON object, got {type(d).__name__}")
     kind = d.get("model_type")
     if kind == "llama4_text":
         return Config(text=_text_from_hf(d, where), vision=None)
@@ -330,14 +384,16 @@ def from_hf(d: dict[str, Any], where: str = "config.json") -> Config:
                           "(expected 'llama4' or 'llama4_text')")
     _reject_unknown(d, _IGNORED_TOP, where)
     _must_equal(d, "tie_word_embeddings", False, where)
-    text = _text_from_hf(d.get("text_config") or {}, f"{where} text_config")
+    text = _text_from_hf(read_object(d, "text_config", where), f"{where} text_config")
     vision = d.get("vision_config")
-    return Config(
-        text=text,
-        vision=_vision_from_hf(vision, f"{where} vision_config") if vision is not None else None,
-        image_token_id=d.get("image_token_index", 200092),
-        boi_token_id=d.get("boi_token_index", 200080),
-        eoi_token_id=d.get("eoi_token_index", 200081))
+    if vision is not None:  # null (or absent): a text-only checkpoint
+        vision = _vision_from_hf(read_object(d, "vision_config", where), f"{where} vision_config")
+    try:
+        return Config(text=text, vision=vision, image_token_id=d.get("image_token_index", 200092),
+                      boi_token_id=d.get("boi_token_index", 200080),
+                      eoi_token_id=d.get("eoi_token_index", 200081))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _text_to_hf(t: TextConfig) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import kv_cache, multimodal, runtime
+from . import inputs, kv_cache, multimodal, runtime
 from .config import Config
 from .decoder import Decoder
 from .runtime import Runtime
@@ -122,6 +122,7 @@ def prefill(cfg: Config, params, input_ids: Sequence[Sequence[int]] | np.ndarray
     cache and state are placed on it (see sharding/). pixel_values [tiles, S, S, 3]: the tiles
     of every image of every row, in order (see `model.image_processing.build_inputs`).
     `experts`, `layout`: override the runtime's choice (runtime.resolve)."""
+    inputs.check_prompt(input_ids, pixel_values)
     t = cfg.text
     rows = _as_rows(input_ids)
     if max_new_tokens < 1:
@@ -182,6 +183,9 @@ def decode_stream(cfg: Config, params, state: DecodeState, *, max_new_tokens: in
     """New tokens [B, n] every `stream_every` tokens (all at once when None), until
     max_new_tokens or every row has stopped. `mesh`, `rules`, `experts`, `layout`: as given to
     `prefill` (the state's cache is brought to the decoding layout once)."""
+    inputs.check_decoding(cfg.text.vocab_size, max_new_tokens, temperature, top_k, top_p,
+                          stream_every)
+    inputs.check_logits_finite(state.logits)
     placement, params = runtime.place(cfg, params, state.logits.shape[0], mesh, rules)
     rt = runtime.resolve(cfg, "decode", placement, experts=experts, layout=layout)
     params, state = rt.view_params(params), state._replace(cache=rt.view_cache(state.cache))
@@ -214,6 +218,7 @@ def generate(cfg: Config, params, input_ids, *, max_new_tokens: int, temperature
     pad id to the longest prompt and right-padded after a stop token (eos, eom, eot by default).
     temperature 0 is greedy; pixel_values are images, as for `model.forward`; mesh and rules run
     it sharded (sharding/); experts and layout override the runtime's choice (runtime.resolve)."""
+    inputs.check_decoding(cfg.text.vocab_size, max_new_tokens, temperature, top_k, top_p)
     shared = dict(mesh=mesh, rules=rules, experts=experts, layout=layout)
     prompts, state = prefill(cfg, params, input_ids, max_new_tokens=max_new_tokens, seed=seed,
                              prefill_chunk=prefill_chunk, pixel_values=pixel_values, **shared)

@@ -1,5 +1,6 @@
 """Config: presets, the derived layer pattern, and HF config.json in and out."""
 import json
+import re
 
 import pytest
 
@@ -102,6 +103,65 @@ def test_bad_config_is_one_clear_error(patch, message):
     d = {"model_type": "llama4", "text_config": SCOUT_451_TEXT, **patch}
     with pytest.raises(C.ConfigError, match=message):
         C.from_hf(d)
+
+
+def _text(**fields):
+    return {"text_config": {**SCOUT_451_TEXT, **fields}}
+
+
+# Each of these gave a raw TypeError, ZeroDivisionError or a shape error deep in the model.
+@pytest.mark.parametrize("patch, message", [
+    (_text(hidden_size="5120"), "'hidden_size' must be an integer >= 1, got '5120'"),
+    (_text(hidden_size=5120.0), "'hidden_size' must be an integer >= 1, got 5120.0"),
+    (_text(num_hidden_layers="48"), "'num_hidden_layers' must be an integer >= 1, got '48'"),
+    (_text(intermediate_size=-8192), "'intermediate_size': must be an integer >= 1, got -8192"),
+    (_text(vocab_size=0), "'vocab_size': must be an integer >= 1, got 0"),
+    (_text(num_key_value_heads=0), "'num_key_value_heads' (num_kv_heads): must be an integer >= 1"),
+    (_text(num_attention_heads=0), "'num_attention_heads' must be an integer >= 1, got 0"),
+    (_text(head_dim=0), "'head_dim': must be an integer >= 1, got 0"),
+    (_text(num_local_experts=1.5), "'num_local_experts' (num_experts): must be an integer >= 1"),
+    (_text(attention_chunk_size="8192"), "'attention_chunk_size': must be a positive integer or null"),
+    (_text(rms_norm_eps=-1e-5), "'rms_norm_eps': must be a finite number > 0, got -1e-05"),
+    (_text(rope_theta="big"), "'rope_theta' must be a finite number, got 'big'"),
+    (_text(use_qk_norm="false"), "'use_qk_norm': must be true or false, got 'false'"),
+    (_text(moe_layers="all"), "'moe_layers' must be a list, got 'all'"),
+    (_text(moe_layers=[0, "1"]), "'moe_layers': must be a list of integers >= 0"),
+    (_text(no_rope_layers=[1, 1, 1, "0"] * 12), "'no_rope_layers' must hold a 0 or 1 for each"),
+    (_text(eos_token_id="2"), "'eos_token_id' (eos_token_ids): must be a list of integers >= 0"),
+    (_text(pad_token_id=-1), "'pad_token_id': must be a token id"),
+    (_text(rope_scaling=[16.0]), "'rope_scaling' must be an object, got [16.0]"),
+    (_text(rope_scaling={"rope_type": "llama3", "factor": "16"}),
+     "'rope_scaling.factor': must be a finite number > 0, got '16'"),
+    ({"text_config": [SCOUT_451_TEXT]}, "'text_config' must be an object, got [{"),
+    ({"vision_config": [1]}, "'vision_config' must be an object, got [1]"),
+    ({"vision_config": {"patch_size": 0}}, "'vision_config.patch_size': must be an integer >= 1"),
+    ({"vision_config": {"image_size": 300}}, "300 is not a multiple of patch_size 14"),
+    ({"image_token_index": "200092"}, "'image_token_index' (image_token_id): must be an integer"),
+])
+def test_wrong_type_or_range_names_the_field(patch, message):
+    d = {"model_type": "llama4", "text_config": SCOUT_451_TEXT, **patch}
+    with pytest.raises(C.ConfigError, match=re.escape(message)) as e:
+        C.from_hf(d, where="ckpt/config.json")
+    assert str(e.value).startswith("ckpt/config.json")
+
+
+def test_config_that_is_not_an_object():
+    with pytest.raises(C.ConfigError, match="ckpt/config.json: must be a JSON object, got list"):
+        C.from_hf([SCOUT_451_TEXT], where="ckpt/config.json")
+
+
+def test_overrides_are_checked_like_config_json():
+    with pytest.raises(C.ConfigError, match=re.escape("'num_key_value_heads' (num_kv_heads): must "
+                                                      "be an integer >= 1, got 0")):
+        C.tiny(num_kv_heads=0)
+    with pytest.raises(C.ConfigError, match="'hidden_size': must be an integer >= 1, got 'abc'"):
+        C.tiny(hidden_size="abc")
+
+
+def test_float16_compute_is_refused():
+    with pytest.raises(C.ConfigError, match="float16 overflows to NaN on real weights; use bfloat16"):
+        C.tiny().replace(dtype="float16")
+    assert C.tiny().replace(dtype="bfloat16", param_dtype="float16").dtype == "bfloat16"
 
 
 def test_unknown_preset():

@@ -127,12 +127,39 @@ def test_cache_memory_of_scout():
     ([[1, -1]], {}, "outside the vocabulary"),
     ([[1, 2]], {"max_new_tokens": 0}, "max_new_tokens"),
     ([[1] * 4090], {"max_new_tokens": 10}, "exceeds the context"),
+    ([[1, 2]], {"temperature": -0.5}, "temperature must be a finite number >= 0"),
+    ([[1, 2]], {"temperature": float("nan")}, "temperature must be a finite number >= 0"),
+    ([[1, 2]], {"top_k": 0}, r"top_k must be an integer in 1\.\.97"),
+    ([[1, 2]], {"top_k": 98}, r"top_k must be an integer in 1\.\.97"),
+    ([[1, 2]], {"top_p": 0.0}, r"top_p must be a number in \(0, 1\]"),
+    ([[1, 2]], {"top_p": 1.5}, r"top_p must be a number in \(0, 1\]"),
+    ([[1, 2.7]], {}, "prompt row 0, position 1: token id 2.7 is not an integer"),
+    ([[1, 2], [3, 4.0]], {}, "prompt row 1, position 1: token id 4.0 is not an integer"),
+    (np.array([[1.0, 2.5]]), {}, "input_ids must hold integer token ids, got an array of float64"),
+    ([[1, 2]], {"pixel_values": np.full((2, 16, 16, 3), np.nan, np.float32)},
+     r"pixel_values hold 1536 NaN or infinite values \(in tiles \[0, 1\]\)"),
 ])
 def test_bad_input(pair, prompt, kw, message):
     _, cfg, params = pair
     cfg = cfg.replace_text(max_position_embeddings=4096)
     with pytest.raises(ValueError, match=message):
         model.generate(cfg, params, prompt, **{"max_new_tokens": 4, **kw})
+
+
+def test_streaming_needs_a_positive_stream_every(pair):
+    _, cfg, params = pair
+    _, state = sampling.prefill(cfg, params, [[1, 2]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="stream_every must be an integer of at least 1"):
+        next(sampling.decode_stream(cfg, params, state, max_new_tokens=4, stream_every=-1))
+
+
+def test_nan_weights_are_an_error_not_token_0_for_ever():
+    cfg = model.tiny()
+    params = model.init_params(cfg, jax.random.key(0))
+    params["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[0, 5].set(np.nan)
+    with pytest.raises(ValueError, match=r"logits after the prompt are NaN or infinite \(rows "
+                                         r"\[0\]\): its weights hold NaN or inf"):
+        model.generate(cfg, params, [[5, 6, 7]], max_new_tokens=5)
 
 
 def test_config_without_stop_tokens():  # an HF config may say `eos_token_id: null`

@@ -54,6 +54,13 @@ def test_prompt_ids_without_tokenizer(ckpt, capsys):
     (["--prompt-ids", "5,x"], "comma-separated integers"),
     (["--prompt-ids", "5,100000"], "outside the vocabulary"),
     (["--prompt-ids", "5", "--max-new-tokens", "0"], "max_new_tokens"),
+    (["--prompt-ids", "5", "--temperature", "-1"], "temperature must be a finite number >= 0"),
+    (["--prompt-ids", "5", "--temperature", "nan"], "temperature must be a finite number >= 0"),
+    (["--prompt-ids", "5", "--top-k", "0"], "top_k must be an integer in 1..512"),
+    (["--prompt-ids", "5", "--top-p", "1.5"], "top_p must be a number in (0, 1]"),
+    (["--prompt-ids", "5", "--top-p", "0"], "top_p must be a number in (0, 1]"),
+    (["--prompt-ids", "5", "--stream-every", "-1"], "stream_every must be an integer of at least 1"),
+    (["--prompt-ids", "5", "--chat"], "--chat wraps --prompt text in a user turn"),
 ])
 def test_bad_input_is_one_line(ckpt, capsys, argv, message):
     with pytest.raises(SystemExit) as e:

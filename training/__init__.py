@@ -7,13 +7,14 @@
 """
 from .checkpoint import Checkpointer, ResumeError, load_params
 from .data import Batches, Rows, pack
-from .loop import RunConfig, read_metrics, train
+from .loop import DivergedError, RunConfig, check_run, read_metrics, train
 from .memory import MemoryLimitError
 from .objective import load_balancing, loss_fn, router_logits
+from .settings import SettingsError
 from .step import OptimConfig, init_state, make_optimizer, make_train_step
 from .text import byte_tokenizer, DataError, load_tokenizer, read_documents
 
-__all__ = ["Batches", "byte_tokenizer", "Checkpointer", "DataError",
+__all__ = ["Batches", "byte_tokenizer", "check_run", "Checkpointer", "DataError", "DivergedError",
            "MemoryLimitError", "OptimConfig", "ResumeError", "Rows", "RunConfig", "init_state", "load_tokenizer",
            "load_balancing", "load_params", "loss_fn", "make_optimizer", "make_train_step", "pack",
-           "read_documents", "read_metrics", "router_logits", "train"]
+           "read_documents", "read_metrics", "router_logits", "SettingsError", "train"]

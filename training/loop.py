@@ -29,6 +29,7 @@ import sharding
 from . import memory
 from .checkpoint import Checkpointer, ResumeError, check_resumable, model_record
 from .data import Batches, Rows
+from .settings import SettingsError, require_int
 from .step import OptimConfig, init_state, make_optimizer, make_train_step
 
 
@@ -47,23 +48,72 @@ class RunConfig:
     mesh: str | None = None    # e.g. "data=2,fsdp=4": train sharded over these devices (sharding/)
     rules: str = "combined"    # the sharding strategy's rules (sharding.rules)
 
+    def __post_init__(self):
+        for field in ("batch", "seq", "save_every", "keep"):  # keep 0 would delete the final state
+            require_int(self, field, 1)
+        require_int(self, "stop_at", 1, optional=True)
+        require_int(self, "seed", 0)
+
+
+class DivergedError(RuntimeError):
+    """The loss, gradients or updated weights stopped being finite; the message names the step,
+    and the run's latest checkpoint is the last one saved before it (every saved state is finite)."""
+
+
+def check_run(cfg, run: RunConfig):
+    """What RunConfig alone cannot check: the rows fit the model's positions."""
+    if run.seq > cfg.text.max_position_embeddings:
+        raise SettingsError(f"seq (--seq) {run.seq} exceeds the model's "
+                            f"{cfg.text.max_position_embeddings} positions "
+                            "(max_position_embeddings)")
+
 
 def _metrics_path(run: RunConfig) -> str:
     return os.path.join(run.out, "metrics.jsonl")
 
 
 def read_metrics(out: str) -> list[dict]:
+    """The records of OUT/metrics.jsonl. A last line cut short (a kill mid-write) is dropped;
+    any other line that is not JSON is an error naming it."""
     path = os.path.join(out, "metrics.jsonl")
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # JSONDecodeError, or bytes cut inside a UTF-8 character
+            if n == len(lines):  # no newline after it: the write was cut short
+                break
+            raise ResumeError(f"{path}:{n}: not a metrics record (not valid JSON); "
+                              "remove the line to resume") from None
+    return out
 
 
 def _truncate_metrics(run: RunConfig, step: int):
+    """Keep the records up to `step`; replaced whole, so a kill here loses nothing."""
     kept = [m for m in read_metrics(run.out) if m["step"] <= step]
-    with open(_metrics_path(run), "w") as f:
+    tmp = _metrics_path(run) + ".tmp"
+    with open(tmp, "w") as f:
         f.writelines(json.dumps(m) + "\n" for m in kept)
+    os.replace(tmp, _metrics_path(run))
+
+
+def _diverged(step: int, finite, m: dict, ckpt: Checkpointer):
+    what = [w for w, ok in zip(("the loss", "the gradients", "the updated weights"), finite)
+            if not ok]
+    ckpt.wait()  # a save in flight is of an earlier, finite state
+    latest = ckpt.latest_step()
+    kept = (f"the latest checkpoint, step {latest}, is the last one before it" if latest
+            else "no checkpoint was saved before it")
+    raise DivergedError(f"step {step}: not finite: {' and '.join(what)} (loss {m['loss']:.4g}, "
+                        f"gradient norm {m['grad_norm']:.4g}, lr {m['lr']:.4g}); training stopped "
+                        f"without applying the step, and {kept}. Lower --lr (or --weight-decay) "
+                        "and start a new run.")
 
 
 def _abstract_batch(run: RunConfig, plan=None):
@@ -99,6 +149,7 @@ def train(cfg: Config, make_params: Callable[[], dict], rows: Rows, run: RunConf
     """Train to `optim.steps`, resuming from run.out's latest checkpoint when run.resume.
     `make_params()` is called only when starting fresh; `tokenizer` (a model.tokenizer.Tokenizer)
     is saved as OUT/tokenizer.json. Returns (state, metrics of this call)."""
+    check_run(cfg, run)
     plan = None
     if run.mesh is not None:  # a bad mesh or rules fail here, before anything is written
         plan = sharding.make_plan(cfg, sharding.make_mesh(run.mesh), run.rules, batch=run.batch)
@@ -163,6 +214,9 @@ def _train(cfg: Config, make_params, rows, run, optim, data_info, tokenizer, on_
             t0 = time.perf_counter()
             state, m = step_fn(state, put(batches.batch_at(s)))
             m = jax.device_get(m)
+            finite = m.pop("finite")
+            if not finite.all():  # the step left the state as it was; stop before saving more
+                _diverged(s + 1, finite, m, ckpt)
             dt = time.perf_counter() - t0
             rec = {"step": s + 1, **{k: float(v) for k, v in m.items() if k != "load"},
                    "tokens_per_s": tokens_per_step / dt}

@@ -19,6 +19,7 @@ import model
 from model.config import Config
 
 from .objective import loss_fn
+from .settings import SettingsError, require_int, require_number
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,23 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.95
     clip: float = 1.0              # global-norm gradient clipping
+
+    def __post_init__(self):
+        # A negative lr or clip trains uphill, and lr * weight_decay >= 1 scales every weight by
+        # 1 - lr * weight_decay <= 0 each step (decoupled decay): both refused. Finite values that
+        # still diverge are caught by the step itself (see make_train_step).
+        require_number(self, "lr", 0, open_low=True)
+        require_number(self, "clip", 0, open_low=True)
+        require_number(self, "weight_decay", 0)
+        require_number(self, "min_lr_ratio", 0, 1)
+        require_number(self, "b1", 0, 1, open_high=True)
+        require_number(self, "b2", 0, 1, open_high=True)
+        require_int(self, "warmup", 0)
+        require_int(self, "steps", 1)
+        if self.lr * self.weight_decay >= 1:
+            raise SettingsError(f"lr x weight_decay = {self.lr * self.weight_decay:g} >= 1 would "
+                                f"scale every weight by {1 - self.lr * self.weight_decay:g} each "
+                                "step; lower --lr or --weight-decay")
 
 
 def schedule(o: OptimConfig):
@@ -61,9 +79,16 @@ def init_state(params, opt: optax.GradientTransformation, seed: int):
     return init(params)
 
 
+def _all_finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def make_train_step(cfg: Config, o: OptimConfig, plan=None, state_shardings=None,
                     experts: str | None = None):
-    """(state, batch) -> (state, metrics); jitted, the state's buffers donated. With a `plan`
+    """(state, batch) -> (state, metrics); jitted, the state's buffers donated. metrics["finite"]
+    [3] says whether the loss, the gradients and the new state are finite; where any is not, the
+    state comes back unchanged. With a `plan`
     (sharding.Plan) the model runs sharded as it says, and the new state keeps `state_shardings`
     (see `training.loop.state_shardings`) so that it can be donated to the next step.
     `experts` overrides the runtime's expert kernel (e.g. "dense", the reference)."""
@@ -80,9 +105,16 @@ def make_train_step(cfg: Config, o: OptimConfig, plan=None, state_shardings=None
             functools.partial(loss_fn, cfg, rt), has_aux=True)(state["params"], batch)
         updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
         rng, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))
-        metrics |= {"grad_norm": optax.global_norm(grads), "lr": lr(state["step"])}
-        return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-                "opt_state": opt_state, "rng": jax.random.key_data(rng)}, metrics
+        new = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+               "opt_state": opt_state, "rng": jax.random.key_data(rng)}
+        # A step whose loss, gradients or new state are not finite changes nothing, so no state
+        # that reaches a checkpoint holds NaN or inf; the loop stops on it (see loop.train).
+        finite = jnp.stack([jnp.isfinite(metrics["loss"]), _all_finite(grads),
+                            _all_finite((new["params"], new["opt_state"]))])
+        new = jax.tree.map(lambda n, o: jnp.where(jnp.all(finite), n, o), new, state)
+        metrics |= {"grad_norm": optax.global_norm(grads), "lr": lr(state["step"]),
+                    "finite": finite}
+        return new, metrics
 
     return train_step
 

@@ -3,10 +3,10 @@
 A document is a pair of equal-length arrays: `ids` [n] int32 and `weights` [n] float32, where
 `weights[j]` says whether token j is a training *target* (the token predicted from ids[:j]).
 
-Chat records use Llama 4's layout (LLAMA4.md section 5): `<|begin_of_text|>`, then per message
-`<|header_start|>{role}<|header_end|>\\n\\n{content}<|eot|>`. Only the assistant turns' content and
-their closing `<|eot|>` are targets, so the model learns to answer and to stop, not to imitate
-the user.
+Chat records use Meta's chat format, exactly as `model.tokenizer.Tokenizer.encode_chat` writes it
+(message text is plain text: special-token text in it never becomes a control token). Only the
+assistant turns' content and their closing `<|eot|>` (or `<|eom|>`) are targets, so the model
+learns to answer and to stop, not to imitate the user.
 """
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
-
-from model.tokenizer import chat_role
 
 
 class DataError(ValueError):
@@ -32,12 +30,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
 
 
-BYTE_SPECIALS = ("bos", "eos", "header_start", "header_end", "eot", "pad")
+# Appended, never reordered: ids 256.. are what earlier runs were trained with.
+BYTE_SPECIALS = ("bos", "eos", "header_start", "header_end", "eot", "pad", "eom")
 
 
 def byte_tokenizer():
     """For from-scratch runs: token b < 256 is the byte b, then the few Llama 4 special tokens
-    that training and chat need (ids 256..261). Built as a `tokenizers` tokenizer.json (byte-level,
+    that training and chat need (ids 256..262). Built as a `tokenizers` tokenizer.json (byte-level,
     no merges), so it is a `model.tokenizer.Tokenizer` like a checkpoint's and is saved beside
     the checkpoints it trained."""
     from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
@@ -75,35 +74,30 @@ def text_document(tok, text: str) -> Document:
     return Document(np.asarray(ids, np.int32), w)
 
 
-def chat_document(tok, messages: list[dict], where: str = "record") -> Document:
-    sp = tok.special
-    ids, w = [sp["bos"]], [0.0]
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: each message needs string 'role' and 'content', got {m!r}")
-        role = chat_role(m["role"])
-        # The layout of `Tokenizer.render_chat`, built segment by segment to know which tokens
-        # are targets (a test holds the two equal). "\n\n" and the content are one segment
-        # between special tokens, encoded together (BPE may merge across them); the "\n\n"
-        # tokens are not targets.
-        head = [sp["header_start"], *tok.encode(role, bos=False), sp["header_end"]]
-        body = [*tok.encode("\n\n" + m["content"], bos=False), sp["eot"]]
-        nl = tok.encode("\n\n", bos=False)
-        skip = len(nl) if body[:len(nl)] == nl else 0
-        target = 1.0 if role == "assistant" else 0.0
-        ids += head + body
-        w += [0.0] * (len(head) + skip) + [target] * (len(body) - skip)
+def chat_document(tok, messages: list, where: str = "record") -> Document:
+    """The chat as `Tokenizer.encode_chat` lays it out (without a generation prompt); the pieces
+    the assistant wrote (its content and end token) are the targets."""
+    ids, w = [], []
+    try:
+        for piece, by_assistant in tok.chat_pieces(messages, add_generation_prompt=False):
+            ids += piece
+            w += [float(by_assistant)] * len(piece)
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
     return Document(np.asarray(ids, np.int32), np.asarray(w, np.float32))
 
 
 def _read_jsonl(tok, path: str) -> list[Document]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported with its number
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line)") from None
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
@@ -131,7 +125,7 @@ def expand_paths(paths: Iterable[str], suffixes: tuple[str, ...] = TEXT_SUFFIXES
             if not found:
                 raise DataError(f"directory {p!r} has no {'/'.join(suffixes)} files")
             out += found
-        elif os.path.isfile(p):
+        elif os.path.exists(p):  # a file, or a device or pipe read like one (/dev/stdin, <(...))
             out.append(p)
         else:
             raise DataError(f"data file {p!r} does not exist")
@@ -151,16 +145,19 @@ def read_documents(tok, paths: Iterable[str]) -> tuple[list[Document], str]:
                         "that this data needs")
     docs, kinds = [], set()
     for p in paths:
-        if not os.path.isfile(p):
+        if not os.path.exists(p):
             raise DataError(f"data file {p!r} does not exist")
-        if p.endswith(".jsonl"):
-            kinds.add("chat")
-            new = _read_jsonl(tok, p)
-        else:
-            kinds.add("text")
-            with open(p, encoding="utf-8", errors="replace") as f:
-                text = f.read()
-            new = [text_document(tok, text)] if text.strip() else []
+        try:
+            if p.endswith(".jsonl"):
+                kinds.add("chat")
+                new = _read_jsonl(tok, p)
+            else:
+                kinds.add("text")
+                with open(p, encoding="utf-8", errors="replace") as f:
+                    text = f.read()
+                new = [text_document(tok, text)] if text.strip() else []
+        except OSError as e:  # a directory, no permission, ...
+            raise DataError(f"data file {p!r}: cannot read it ({e.strerror})") from None
         if not new and len(paths) == 1:
             raise DataError(f"data file {p!r} is empty")
         docs += new
