@@ -65,6 +65,8 @@ def abstract(tree, shardings):
 def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
          param_dtype: str | None = None, rules: str = "combined", prefill_chunk: int = 512,
          steps: int = 16, devices=None) -> dict:
+    """Per-device memory of prefill and decode (see the module docstring; `report` prints it).
+    devices: the mesh's devices; default the first CPU devices it needs (`simulate_devices`)."""
     import model
     import sharding
     from model import kv_cache, sampling
@@ -73,6 +75,8 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
     stand_in = lambda d: "float16" if d == "bfloat16" else d  # noqa: E731  (see the docstring)
     cfg = model.preset(preset).replace(dtype=stand_in(dtype),
                                        param_dtype=stand_in(param_dtype or dtype), vision=None)
+    if devices is None:
+        devices = jax.devices("cpu")[:math.prod(sharding.parse_mesh(mesh_spec).values())]
     mesh = sharding.make_mesh(mesh_spec, devices)
     p = sharding.make_plan(cfg, mesh, rules, batch=batch)
     params = abstract(model.param_shapes(cfg), sharding.param_shardings(cfg, mesh, rules))
@@ -160,6 +164,30 @@ def report(r: dict) -> str:
     c = r["compile_s"]
     lines.append(f"  compiled in {c['prefill']:.0f} s (prefill) + {c['decode']:.0f} s (decode)")
     return "\n".join(lines)
+
+
+def figure(results: list[dict]):
+    """A bar a plan: per-device GB at the larger of prefill and decode (parameters, KV cache, the
+    rest), against each chip's memory less the headroom."""
+    import matplotlib.pyplot as plt
+    peak = np.array([max(r["prefill"]["total"], r["decode"]["total"]) for r in results]) / GB
+    params = np.array([r["params"] for r in results]) / GB
+    cache = np.array([r["cache"] for r in results]) / GB
+    x = np.arange(len(results))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.25 * len(results)), 3.8))
+    ax.bar(x, params, label="parameters")
+    ax.bar(x, cache, bottom=params, label="KV cache")
+    ax.bar(x, np.maximum(peak - params - cache, 0), bottom=params + cache,
+           label="activations, temporaries")
+    for (chip, gb), style in zip(DEVICES_GB.items(), (":", "--", "-.")):
+        ax.axhline(HEADROOM * gb, color="k", ls=style, lw=1,
+                   label=f"{chip} ({gb} GB, {HEADROOM:.0%} usable)")
+    ax.set_xticks(x, [f"{r['preset']}\n{r['mesh']}\n{r['dtype']}, {r['context'] // 1024}K"
+                      for r in results], fontsize="small")
+    ax.set(ylabel="GB per device", title=f"Memory per device, batch {results[0]['batch']}")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
+    fig.tight_layout()
+    return fig
 
 
 TABLE = [  # (preset, mesh, dtype, context); fp8 weights are left out: XLA:CPU upcasts them

@@ -71,9 +71,8 @@ def held_out_bits(cfg, params, rows, batches: int = 8) -> float:
     return statistics.mean(ce) / math.log(2)
 
 
-def plot(history, entropy, held_out, path):
-    import matplotlib
-    matplotlib.use("Agg")
+def loss_figure(history, entropy, held_out):
+    """The loss curve in bits per byte: per step, smoothed, the unigram entropy and held-out loss."""
     import matplotlib.pyplot as plt
     steps = [m["step"] for m in history]
     bits = [m["ce"] / math.log(2) for m in history]
@@ -91,7 +90,22 @@ def plot(history, entropy, held_out, path):
            title="Llama 4 (MoE, iRoPE) on the Python stdlib, CPU")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot(history, entropy, held_out, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    loss_figure(history, entropy, held_out).savefig(path, dpi=120)
+
+
+def optim_config(steps: int) -> OptimConfig:
+    return OptimConfig(lr=1.5e-3, warmup=min(40, steps // 10), steps=steps, min_lr_ratio=0.1,
+                       weight_decay=0.1, clip=1.0)
+
+
+def run_config(out: str) -> RunConfig:
+    return RunConfig(out=out, batch=BATCH, seq=SEQ, seed=0, save_every=100, keep=2)
 
 
 def main(argv=None):
@@ -122,9 +136,7 @@ def main(argv=None):
           f"{BATCH} x {SEQ} bytes = {args.steps * BATCH * SEQ / 1e6:.1f}M bytes, "
           f"{jax.default_backend()} {cfg.dtype}", flush=True)
 
-    optim = OptimConfig(lr=1.5e-3, warmup=min(40, args.steps // 10), steps=args.steps,
-                        min_lr_ratio=0.1, weight_decay=0.1, clip=1.0)
-    run = RunConfig(out=args.out, batch=BATCH, seq=SEQ, seed=0, save_every=100, keep=2)
+    optim, run = optim_config(args.steps), run_config(args.out)
     t0 = time.time()
     _, history = training.train(cfg, lambda: model.init_params(cfg, jax.random.key(0)), rows,
                                 run, optim, {"kind": kind, "tokenizer": "bytes"}, tokenizer=tok)
