@@ -166,6 +166,10 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _context(n: int) -> str:
+    return f"{n >> 20}M" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n >> 10}K"
+
+
 def figure(results: list[dict]):
     """A bar a plan: per-device GB at the larger of prefill and decode (parameters, KV cache, the
     rest), against each chip's memory less the headroom."""
@@ -174,7 +178,7 @@ def figure(results: list[dict]):
     params = np.array([r["params"] for r in results]) / GB
     cache = np.array([r["cache"] for r in results]) / GB
     x = np.arange(len(results))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.25 * len(results)), 3.8))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(results)), 4))
     ax.bar(x, params, label="parameters")
     ax.bar(x, cache, bottom=params, label="KV cache")
     ax.bar(x, np.maximum(peak - params - cache, 0), bottom=params + cache,
@@ -182,8 +186,11 @@ def figure(results: list[dict]):
     for (chip, gb), style in zip(DEVICES_GB.items(), (":", "--", "-.")):
         ax.axhline(HEADROOM * gb, color="k", ls=style, lw=1,
                    label=f"{chip} ({gb} GB, {HEADROOM:.0%} usable)")
-    ax.set_xticks(x, [f"{r['preset']}\n{r['mesh']}\n{r['dtype']}, {r['context'] // 1024}K"
-                      for r in results], fontsize="small")
+    short = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
+    labels = ["\n".join([r["preset"], *r["mesh"].split(","),
+                         f"{short.get(r['dtype'], r['dtype'])}, {_context(r['context'])}"])
+              for r in results]
+    ax.set_xticks(x, labels, fontsize="small")
     ax.set(ylabel="GB per device", title=f"Memory per device, batch {results[0]['batch']}")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
     fig.tight_layout()

@@ -37,7 +37,7 @@ def train_tokenizer(corpus, vocab_size: int) -> Tokenizer:
     tk.decoder = decoders.ByteLevel()
     tk.train_from_iterator(corpus, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=list(SPECIAL.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     bos = SPECIAL["bos"]
     tk.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", special_tokens=[(bos, tk.token_to_id(bos))])
