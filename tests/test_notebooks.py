@@ -9,12 +9,12 @@ from colab import render
 
 # What CI runs each notebook with; "{tmp}" stands for the test's temporary directory.
 SMALL = {
-    "quickstart": {"steps": 20, "max_new_tokens": 40, "out": "{tmp}/run"},
-    "architecture": {"train_steps": 10, "out": "{tmp}/run"},
+    "quickstart": {"steps": 8, "max_new_tokens": 16, "out": "{tmp}/run"},
+    "architecture": {"train_steps": 5, "out": "{tmp}/run"},
     "checkpoints": {"hf_token": "", "max_new_tokens": 8, "out": "{tmp}/ckpt",
                     "plan_rows": [["scout", "tensor=4", "bfloat16", 8192],
                                   ["maverick", "tensor=8", "bfloat16", 8192]]},
-    "sharding": {"meshes": ["expert=8", "tensor=2,expert=4", "data=2,expert=2,tensor=2"],
+    "sharding": {"meshes": ["expert=8", "tensor=2,expert=4"],
                  "plan_rows": [["scout", "tensor=8", "bfloat16", 8192],
                                ["maverick", "expert=4,tensor=2", "bfloat16", 8192]]},
 }
