@@ -55,6 +55,22 @@ def main(argv=None):
         sys.exit(1)
 
 
+def image_tokens(tok):
+    """The image layout's special ids from the tokenizer; None (Llama 4's ids) when it lacks one."""
+    if tok is None or not all(n in tok.special for n in LAYOUT_TOKENS.values()):
+        return None
+    return image_processing.ImageTokens(**{f: tok.special[n] for f, n in LAYOUT_TOKENS.items()})
+
+
+def chat_with_image(cfg, tok, image, text: str):
+    """(ids [T], pixel_values) of one user turn holding the image, then `text`, then the
+    generation prompt: the image at the start of the user's message, after its header."""
+    ids = tok.encode_chat([{"role": "user", "content": text}])
+    head = tok.encode_chat([], add_generation_prompt=False) + tok.encode_header("user")
+    return image_processing.build_inputs([head, image, ids[len(head):]], cfg,
+                                         tokens=image_tokens(tok))
+
+
 def image_prompt(cfg, tok, args, text_ids):
     """(ids, pixel_values) with the image's token layout before the prompt text (inside the user
     turn with --chat). Layout ids come from the tokenizer when it has them."""
@@ -63,17 +79,13 @@ def image_prompt(cfg, tok, args, text_ids):
         image.load()
     except (OSError, ValueError) as e:
         raise ValueError(f"--image {args.image}: cannot read the image ({e})") from None
-    tokens = None
-    if tok is not None and all(n in tok.special for n in LAYOUT_TOKENS.values()):
-        tokens = image_processing.ImageTokens(**{f: tok.special[n] for f, n in LAYOUT_TOKENS.items()})
+    tokens = image_tokens(tok)
     if tok is None or args.prompt is None:
         return image_processing.build_inputs([text_ids[:0], image, text_ids], cfg, tokens=tokens)
-    if args.chat:  # the image goes at the start of the user's message, after its header
-        head = tok.encode_chat([], add_generation_prompt=False) + tok.encode_header("user")
-        parts = [head, image, text_ids[len(head):]]
-    else:
-        parts = [text_ids[:1], image, text_ids[1:]]  # after BOS
-    return image_processing.build_inputs(parts, cfg, tokens=tokens)
+    if args.chat:  # the image goes at the start of the user's message
+        return chat_with_image(cfg, tok, image, args.prompt)
+    return image_processing.build_inputs([text_ids[:1], image, text_ids[1:]], cfg,  # after BOS
+                                         tokens=tokens)
 
 
 def run(args):

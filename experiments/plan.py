@@ -76,11 +76,15 @@ def abstract(tree, shardings):
 def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
          param_dtype: str | None = None, rules: str = "combined", prefill_chunk: int = 512,
          steps: int = 16, devices=None) -> dict:
+    """Per-device memory of prefill and decode (see the module docstring; `report` prints it).
+    devices: the mesh's devices; default the first CPU devices it needs (`simulate_devices`)."""
     import model
     import sharding
     from model import kv_cache, sampling
 
     cfg = float16_stand_in(model.preset(preset).replace(vision=None), dtype, param_dtype or dtype)
+    if devices is None:
+        devices = jax.devices("cpu")[:math.prod(sharding.parse_mesh(mesh_spec).values())]
     mesh = sharding.make_mesh(mesh_spec, devices)
     p = sharding.make_plan(cfg, mesh, rules, batch=batch)
     params = abstract(model.param_shapes(cfg), sharding.param_shardings(cfg, mesh, rules))
@@ -168,6 +172,37 @@ def report(r: dict) -> str:
     c = r["compile_s"]
     lines.append(f"  compiled in {c['prefill']:.0f} s (prefill) + {c['decode']:.0f} s (decode)")
     return "\n".join(lines)
+
+
+def _context(n: int) -> str:
+    return f"{n >> 20}M" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n >> 10}K"
+
+
+def figure(results: list[dict]):
+    """A bar a plan: per-device GB at the larger of prefill and decode (parameters, KV cache, the
+    rest), against each chip's memory less the headroom."""
+    import matplotlib.pyplot as plt
+    peak = np.array([max(r["prefill"]["total"], r["decode"]["total"]) for r in results]) / GB
+    params = np.array([r["params"] for r in results]) / GB
+    cache = np.array([r["cache"] for r in results]) / GB
+    x = np.arange(len(results))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(results)), 4))
+    ax.bar(x, params, label="parameters")
+    ax.bar(x, cache, bottom=params, label="KV cache")
+    ax.bar(x, np.maximum(peak - params - cache, 0), bottom=params + cache,
+           label="activations, temporaries")
+    for (chip, gb), style in zip(DEVICES_GB.items(), (":", "--", "-.")):
+        ax.axhline(HEADROOM * gb, color="k", ls=style, lw=1,
+                   label=f"{chip} ({gb} GB, {HEADROOM:.0%} usable)")
+    short = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
+    labels = ["\n".join([r["preset"], *r["mesh"].split(","),
+                         f"{short.get(r['dtype'], r['dtype'])}, {_context(r['context'])}"])
+              for r in results]
+    ax.set_xticks(x, labels, fontsize="small")
+    ax.set(ylabel="GB per device", title=f"Memory per device, batch {results[0]['batch']}")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
+    fig.tight_layout()
+    return fig
 
 
 TABLE = [  # (preset, mesh, dtype, context); fp8 weights are left out: XLA:CPU upcasts them

@@ -75,9 +75,8 @@ def held_out_bits(cfg, params, rows, batches: int = 8) -> float:
     return statistics.mean(ce) / math.log(2)
 
 
-def plot(history, entropy, held_out, path):
-    import matplotlib
-    matplotlib.use("Agg")
+def loss_figure(history, entropy, held_out):
+    """The loss curve in bits per byte: per step, smoothed, the unigram entropy and held-out loss."""
     import matplotlib.pyplot as plt
     steps = [m["step"] for m in history]
     bits = [m["ce"] / math.log(2) for m in history]
@@ -95,7 +94,25 @@ def plot(history, entropy, held_out, path):
            title="Llama 4 (MoE, iRoPE) on the Python stdlib, CPU")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot(history, entropy, held_out, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    loss_figure(history, entropy, held_out).savefig(path, dpi=120)
+
+
+def optim_config(steps: int) -> OptimConfig:
+    return OptimConfig(lr=1.5e-3, warmup=min(40, steps // 10), steps=steps, min_lr_ratio=0.1,
+                       weight_decay=0.1, clip=1.0)
+
+
+def run_config(out: str, save_every: int = 100) -> RunConfig:
+    """An earlier run in OUT continues from its latest checkpoint (from scratch if it had none);
+    its settings must match (training refuses a different run, naming the field)."""
+    return RunConfig(out=out, batch=BATCH, seq=SEQ, seed=0, save_every=save_every, keep=2,
+                     resume=True)
 
 
 def claim_out(out: str, settings: dict):
@@ -129,12 +146,7 @@ def _main(argv):
     ap.add_argument("--max-new-tokens", type=int, default=300)
     args = ap.parse_args(argv)
     t_start = time.time()
-    optim = OptimConfig(lr=1.5e-3, warmup=min(40, args.steps // 10), steps=args.steps,
-                        min_lr_ratio=0.1, weight_decay=0.1, clip=1.0)
-    # resume: an earlier run in OUT continues from its latest checkpoint (from scratch if it
-    # had none); its settings must match (training refuses a different run, naming the field).
-    run = RunConfig(out=args.out, batch=BATCH, seq=SEQ, seed=0, save_every=args.save_every,
-                    keep=2, resume=True)
+    optim, run = optim_config(args.steps), run_config(args.out, args.save_every)
     claim_out(args.out, {"steps": args.steps, "save_every": args.save_every})
 
     tok = training.byte_tokenizer()

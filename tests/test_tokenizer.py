@@ -6,8 +6,8 @@ import random
 import re
 
 import pytest
-from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from experiments.tiny_checkpoint import train_tokenizer
 from model.tokenizer import SPECIAL, Tokenizer, split_runs
 from tests.meta_chat import llama4_tokenizer_json, meta_dialog_ids, meta_tokenizer
 from training.text import chat_document
@@ -18,18 +18,8 @@ CORPUS = ["def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    tk = HFTokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    specials = list(SPECIAL.values())
-    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    # Like Llama 4's fast tokenizer: the post-processor prepends BOS.
-    bos = SPECIAL["bos"]
-    tk.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", special_tokens=[(bos, tk.token_to_id(bos))])
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tk.save(str(path))
+    train_tokenizer(CORPUS, 400).save(str(path))
     return Tokenizer.load(path.parent)
 
 
