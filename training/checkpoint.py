@@ -1,7 +1,8 @@
 """Training checkpoints: an Orbax CheckpointManager holding the train state and a JSON record.
 
 Layout: DIR/<step>/state (params, opt_state, step, rng) and DIR/<step>/meta (the model config as
-HF config.json fields, the data position and fingerprint, batch, seed, optimizer settings).
+HF config.json fields and, for an ablation variant, "variant": the fields HF has none for; the
+data position and fingerprint, batch, seed, optimizer settings).
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed
 mid-save leaves the previous checkpoints intact; a resume refuses a directory written by a
 different config or data before it writes anything.
@@ -13,7 +14,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from model.config import Config, from_hf, to_hf
+from model.config import Config, from_hf, split_variant, to_hf
 
 
 class ResumeError(ValueError):
@@ -21,12 +22,14 @@ class ResumeError(ValueError):
 
 
 def model_record(cfg: Config) -> dict:
-    return {"model": to_hf(cfg),
+    llama4, variant = split_variant(cfg)
+    return {"model": to_hf(llama4), **({"variant": variant} if variant else {}),
             "compute": {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "remat": cfg.remat}}
 
 
 def config_from_meta(meta: dict) -> Config:
-    return from_hf(meta["model"], "checkpoint meta").replace(**meta["compute"])
+    cfg = from_hf(meta["model"], "checkpoint meta").replace(**meta["compute"])
+    return cfg.replace_text(**meta.get("variant", {}))
 
 
 # Meta entries that may differ on resume: compute settings (dtype, remat) and the position.
