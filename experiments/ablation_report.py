@@ -122,8 +122,8 @@ def findings(ablation, stats) -> list[str]:
         diff, same, unjudged = [], [], []
         for m in ablation.metrics:
             met = METRICS[m]
-            if met.better == 0 or stats[v.name][m].n == 0 and stats[ref][m].n == 0:
-                continue
+            if met.better == 0 or stats[v.name][m].n == 0 or stats[ref][m].n == 0:
+                continue  # not judged, or not measured on one side (a dense FFN has no experts)
             d = compare(stats[v.name][m], stats[ref][m])
             if d is None:
                 unjudged.append(met.label)
