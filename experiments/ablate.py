@@ -102,7 +102,8 @@ def main(argv=None):
     # Seeds after the first find each compiled program on disk (only the first variant's seed
     # compiles); set before JAX compiles anything.
     import jax
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(args.out, "jax_cache")))
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.abspath(os.path.join(args.out, "jax_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     from .ablation_runs import Runner
     from training import DataError

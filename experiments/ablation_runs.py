@@ -194,7 +194,8 @@ def write_results(ablation: Ablation, runs: dict[str, list[dict]], results: str,
     loads = [x for r in every for x in r["loads"]]
     context = {"command": cmd, "code": _code_version(), "size": runner.size,
                "steps": runner.steps, "seeds": len(next(iter(runs.values()))),
-               "minutes": seconds / 60, "cpu_minutes": cpu / 60, "load": (min(loads), max(loads)) if loads else None,
+               "minutes": seconds / 60, "cpu_minutes": cpu / 60,
+               "load": (min(loads), max(loads)) if loads else None,
                "base": runner.base.text}
     path = os.path.join(results, ablation.name)
     with open(path + ".md", "w") as f:

@@ -9,8 +9,10 @@ Ablation variants (config fields; the defaults are Llama 4): `router_score="outp
 expert's output by the score instead (Switch, Mixtral); `router_activation="softmax"` scores an
 expert by its softmax probability over all E logits (Switch; not renormalised over the k chosen,
 which for k = 1 would make every score 1 and leave the router without a gradient);
-`shared_expert=False` drops the shared expert (its parameters too). How the routed experts run (sorted by expert, switched per copy, all of them densely, expert-parallel on a
-mesh) is the runtime's kernel choice: model/kernels/experts.py.
+`shared_expert=False` drops the shared expert (its parameters too).
+
+How the routed experts run (sorted by expert, switched per copy, all of them densely,
+expert-parallel on a mesh) is the runtime's kernel choice: model/kernels/experts.py.
 """
 from __future__ import annotations
 
