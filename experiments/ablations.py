@@ -86,8 +86,8 @@ class Size:
 
 # The default base model: the quickstart's Llama 4 at half the width, every feature on (MoE with
 # a shared expert in every layer, three chunked-RoPE layers with QK norm, one global NoPE layer
-# with temperature tuning). Sized so that an ablation (four variants x three seeds) costs about
-# 5 CPU-minutes, on one core of the 2-core machine (README, Ablations). Chunk and floor scale are
+# with temperature tuning). Sized so that an ablation (four variants x three seeds) costs 5 to
+# 8 CPU-minutes, on one core of the 2-core machine (README, Ablations). Chunk and floor scale are
 # T / 4, as Llama 4's 8192 sits below its training length, so that both act inside the training
 # length and past it.
 _BASE = dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
