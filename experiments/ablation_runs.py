@@ -176,12 +176,17 @@ class _Progress:
 
 
 def _code_version() -> str:
+    """The commit, "-dirty" when tracked files other than results differ from it (the results
+    files an ablation run writes do not make the code that wrote them dirty)."""
     try:
-        rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, check=True).stdout.strip()
+        git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,  # noqa: E731
+                                        check=True).stdout.strip()
+        rev = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                      ":(exclude)experiments/results")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return rev
+    return rev + ("-dirty" if changed else "")
 
 
 def write_results(ablation: Ablation, runs: dict[str, list[dict]], results: str, cmd: str,
