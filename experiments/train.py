@@ -4,6 +4,9 @@
     python -m experiments.train --init CKPT --data chat.jsonl --out runs/ft     # fine-tune
     python -m experiments.train ... --resume          # continue runs/x from its latest checkpoint
     python -m experiments.train ... --mesh data=2,fsdp=4          # sharded over 8 devices
+    python -m experiments.train --objective dpo --init CKPT --data pairs.jsonl --out runs/dpo
+    python -m experiments.train --objective distill --teacher CKPT --data FILES --out runs/kd
+    python -m experiments.train --objective grpo --init CKPT --data tasks.jsonl --out runs/rl
 
 Data: plain-text files (a directory stands for its *.py files), packed into rows; or .jsonl chat
 records ({"messages": [{"role", "content"}, ...]}), scored on the assistant turns only.
@@ -12,7 +15,10 @@ this script; its tokenizer.json is used when present (--tokenizer overrides), el
 Only the text decoder is trained (a vision tower, if the checkpoint has one, is left out).
 Metrics go to OUT/metrics.jsonl; checkpoints to OUT/<step>/. With --mesh the params and
 Adam's moments are split as the sharding rules say and the batch over the data axes; a run can
-resume on another mesh.
+resume on another mesh. --objective picks what is trained (training/objectives.py): sft (the
+default, above); dpo on preference pairs ({"prompt", "chosen", "rejected"} per line); distill
+from a --teacher on SFT's data; grpo on verifiable tasks ({"prompt", "answer"} per line,
+experiments/make_tasks.py). The README gives each format with an example.
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ from model.multimodal import DECODER_KEYS
 import training
 from training import OptimConfig, RunConfig
 from training.text import DataError, expand_paths, load_tokenizer
+
+from experiments import train_objectives
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -102,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mesh", help='train sharded over devices, e.g. "data=2,fsdp=4" (sharding/)')
     ap.add_argument("--rules", default="combined", choices=sorted(sharding.RULES),
                     help="with --mesh: the sharding strategy")
+    train_objectives.add_arguments(ap)
     return ap
 
 
@@ -113,9 +122,11 @@ def run(args):
                         save_every=args.save_every, keep=args.keep, resume=args.resume,
                         stop_at=args.stop_at, async_save=not args.no_async,
                         progress=not args.no_progress, mesh=args.mesh, rules=args.rules)
+    train_objectives.check(args)
     tok_path = args.tokenizer
-    if args.init and tok_path is None and os.path.isfile(os.path.join(args.init, "tokenizer.json")):
-        tok_path = os.path.join(args.init, "tokenizer.json")
+    for ckpt in (args.init, args.teacher):  # a teacher's tokenizer serves a student from scratch
+        if ckpt and tok_path is None and os.path.isfile(os.path.join(ckpt, "tokenizer.json")):
+            tok_path = os.path.join(ckpt, "tokenizer.json")
     tok = load_tokenizer(tok_path)
     if args.init:
         if args.set:
@@ -136,15 +147,23 @@ def run(args):
         raise DataError(f"the tokenizer has {tok.vocab_size} tokens, the model only "
                         f"{cfg.text.vocab_size}")
     training.check_run(cfg, run_cfg)
+    objective = train_objectives.build(
+        args, cfg, params if args.init else None, tok,
+        lambda path: _frozen_model(load_init(path), args.dtype))
 
-    docs, kind = training.read_documents(tok, expand_paths(args.data))
-    rows = training.pack(docs, kind, args.seq, tok.special.get("pad", 0))
-    n_targets = int(rows.weights.sum())
-    print(f"data: {len(docs)} {kind} documents -> {len(rows)} rows of {args.seq + 1} tokens, "
-          f"{n_targets:,} targets; model: {model.config.param_count(cfg)['text'] / 1e6:.2f}M "
+    data, kind, summary = objective.read_data(tok, expand_paths(args.data), args.seq,
+                                              tok.special.get("pad", 0))
+    print(f"data: {summary}; model: {model.config.param_count(cfg)['text'] / 1e6:.2f}M "
           f"parameters, {jax.default_backend()} {args.dtype}", file=sys.stderr)
     info = {"kind": kind, "tokenizer": tok_path or "bytes"}
-    return training.train(cfg, make_params, rows, run_cfg, optim, info, tokenizer=tok)
+    return training.train(cfg, make_params, data, run_cfg, optim, info, tokenizer=tok,
+                          objective=objective)
+
+
+def _frozen_model(loaded, dtype: str):
+    """A reference or teacher as the run computes: its config in this run's compute dtype."""
+    cfg, params = loaded
+    return cfg.replace(dtype=dtype), params
 
 
 def main(argv=None):
@@ -163,7 +182,8 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if history:
         last = history[-1]
-        print(f"step {last['step']}: loss {last['ce']:.4f}, {last['tokens_per_s']:,.0f} tokens/s; "
+        print(f"step {last['step']}: loss {last.get('ce', last['loss']):.4f}, "
+              f"{last['tokens_per_s']:,.0f} tokens/s; "
               f"checkpoints in {args.out}", file=sys.stderr)
 
 

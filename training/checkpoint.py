@@ -29,8 +29,9 @@ def config_from_meta(meta: dict) -> Config:
     return from_hf(meta["model"], "checkpoint meta").replace(**meta["compute"])
 
 
-# Meta entries that may differ on resume: compute settings (dtype, remat) and the position.
-_MAY_CHANGE = ("compute", "step", "rows_consumed")
+# Meta entries that may differ on resume: compute settings (dtype, remat) and the position
+# (of the data order, or of GRPO's prompt sampler: training.grpo).
+_MAY_CHANGE = ("compute", "step", "rows_consumed", "sampler")
 
 
 def _one_device():
