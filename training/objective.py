@@ -54,7 +54,7 @@ def decode(cfg: Config, rt: Runtime, params, inputs):
     dec = {k: params[k] for k in DECODER_KEYS}
     (logits, _), state = Decoder(cfg, rt).apply({"params": dec}, inputs,
                                                 mutable=["intermediates"])
-    return logits, state["intermediates"]
+    return logits, state.get("intermediates", {})  # only MoE layers sow (their router logits)
 
 
 def token_logprobs(logits, targets):
