@@ -55,6 +55,16 @@ def group_advantages(rewards: np.ndarray) -> np.ndarray:
                                                           + ADV_EPS)
 
 
+def select_groups(rewards: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """rewards [K, G] of K candidate groups -> (the `batch` groups kept [batch], whether each has
+    a signal [batch]): the first groups whose samples differ, in order; where fewer than `batch`
+    do, silent groups fill the batch (to be masked out: a step's shapes are fixed)."""
+    signal = np.flatnonzero(rewards.std(-1) > 0)
+    silent = np.setdiff1d(np.arange(len(rewards)), signal)
+    kept = np.concatenate([signal[:batch], silent[:max(batch - len(signal), 0)]])
+    return kept, np.arange(batch) < len(signal)
+
+
 def clipped_objective(logp, old_logp, ref_logp, advantages, mask, sample_mask, eps: float,
                       kl_coef: float):
     """The GRPO loss (the module docstring's) from token log-probs [B, T] under the policy, the
@@ -188,6 +198,12 @@ class Rollouts:
     def pass_rate(self) -> np.ndarray:
         return (self.successes + 1) / (self.attempts + 2)
 
+    def record(self, cand: np.ndarray, rewards: np.ndarray):
+        """The running pass rates after candidates `cand` [K] scored rewards [K, G]."""
+        for i, r in zip(cand, rewards):  # in order: a prompt drawn twice is decayed twice
+            self.successes[i] = self.obj.pass_rate_decay * self.successes[i] + r.sum()
+            self.attempts[i] = self.obj.pass_rate_decay * self.attempts[i] + len(r)
+
     def candidates(self, step: int) -> np.ndarray:
         K, P, G = self.run.batch * self.obj.oversample, len(self.tasks), self.obj.group
         w = np.ones(P)
@@ -216,12 +232,8 @@ class Rollouts:
                      rules=self.run.rules)
         rewards = np.array([reward(tok, ids, self.tasks.answers[i])
                             for i, ids in zip(np.repeat(cand, G), new)]).reshape(-1, G)
-        for i, r in zip(cand, rewards):  # in order: a prompt drawn twice is decayed twice
-            self.successes[i] = o.pass_rate_decay * self.successes[i] + r.sum()
-            self.attempts[i] = o.pass_rate_decay * self.attempts[i] + G
-        signal = np.flatnonzero(rewards.std(-1) > 0)
-        silent = np.setdiff1d(np.arange(len(cand)), signal)
-        kept = list(signal[:B]) + list(silent[:max(B - len(signal), 0)])
+        self.record(cand, rewards)
+        kept, has_signal = select_groups(rewards, B)
         L = self.run.seq + 1
         tokens = np.full((B * G, L), self.cfg.text.pad_token_id or 0, np.int32)
         weights = np.zeros((B * G, L), np.float32)
@@ -233,7 +245,6 @@ class Rollouts:
             tokens[row, :len(ids)] = ids
             weights[row, len(prompt):len(ids)] = 1.0
             real[row, :len(ids)] = True
-        has_signal = np.isin(kept, signal)
         adv = np.where(has_signal[:, None], group_advantages(rewards[kept]), 0.0)
         score = lambda c, p: score_tokens(c, p, tokens, B * G, self.mesh, self.run.rules)  # noqa: E731
         return {"tokens": tokens, "weights": weights, "real": real,
@@ -241,5 +252,5 @@ class Rollouts:
                 "sample_mask": np.repeat(has_signal, G).astype(np.float32),
                 "old_logp": score(self.cfg, params), "ref_logp": score(*o.reference),
                 "sampled_rewards": rewards.reshape(-1).astype(np.float32),
-                "reward_std": np.float32(rewards[signal[:B]].std(-1).mean() if len(signal)
-                                         else 0.0)}
+                "reward_std": np.float32(rewards[kept[has_signal]].std(-1).mean()
+                                         if has_signal.any() else 0.0)}
