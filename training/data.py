@@ -113,6 +113,18 @@ def read_token_data(tok, paths, seq: int, pad_id: int) -> tuple[Rows, str, str]:
                         f"{int(rows.weights.sum()):,} targets")
 
 
+def pad_rows(docs: list[Document], seq_len: int, pad_id: int):
+    """One document a row, padded: (tokens, weights, real) [len(docs), seq_len + 1]; each
+    document at most seq_len + 1 tokens (the caller says where one is longer)."""
+    n = np.array([len(d.ids) for d in docs])
+    real = np.arange(seq_len + 1)[None, :] < n[:, None]
+    tokens = np.full(real.shape, pad_id, np.int32)
+    weights = np.zeros(real.shape, np.float32)
+    tokens[real] = np.concatenate([d.ids for d in docs])
+    weights[real] = np.concatenate([d.weights for d in docs])
+    return tokens, weights, real
+
+
 class Batches:
     """Batch `step` = rows [step * B, (step + 1) * B) of an endless sequence of epochs, each epoch
     a permutation of all rows drawn from (seed, epoch). `rows`: anything with `len` and

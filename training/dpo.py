@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .data import Batches, fingerprint
+from .data import Batches, fingerprint, pad_rows
 from .objective import add_router_loss, decode, token_logprobs
 from .scoring import score_tokens
 from .settings import require_number
@@ -109,12 +109,7 @@ def read_pairs(tok, path: str, seq: int, pad_id: int) -> Pairs:
         raise DataError(f"preference file {path!r} has no pairs")
     rows = {}
     for s, docs in sides.items():
-        n = np.array([len(d.ids) for d in docs])
-        real = np.arange(seq + 1)[None, :] < n[:, None]
-        tokens = np.full(real.shape, pad_id, np.int32)
-        weights = np.zeros(real.shape, np.float32)
-        tokens[real] = np.concatenate([d.ids for d in docs])
-        weights[real] = np.concatenate([d.weights for d in docs])
+        tokens, weights, real = pad_rows(docs, seq, pad_id)
         rows |= {f"{s}_tokens": tokens, f"{s}_weights": weights, f"{s}_real": real}
     return Pairs(rows)
 
