@@ -105,9 +105,14 @@ def test_grpo_resumes_exactly_and_sharded_equals_one_device(tmp_path, tok, cfg, 
     h_one, h_split = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "mesh"))
     assert [m["step"] for m in h_split] == [1, 2, 3, 4]
     assert [m["pass_rate"] for m in h_split] == [m["pass_rate"] for m in h_one]
-    for key in ("loss", "grpo", "kl", "clipped", "groups_kept"):
+    np.testing.assert_allclose([m["groups_kept"] for m in h_split],
+                               [m["groups_kept"] for m in h_one])
+    # The loss is a mean of +-A * ratio terms of size ~1 that cancel to ~1e-3, and k3 KL ~ d^2/2
+    # for a log-prob difference d: both carry the fp32 error of their terms (sums in another
+    # order on the mesh, ~1e-6), not one relative to their small values.
+    for key in ("loss", "grpo", "kl", "clipped"):
         np.testing.assert_allclose([m[key] for m in h_split], [m[key] for m in h_one],
-                                   rtol=1e-5, atol=1e-7)
+                                   rtol=1e-5, atol=1e-5)
     assert h_one[3]["clipped"] > 0  # the second update of a rollout moved past the clip
     for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(one)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
