@@ -5,6 +5,11 @@ not grow with the checkpoint. Every check that can fail runs before the first by
 and the output appears at its destination only when complete (errors.staged_dir). An Orbax
 directory is checked against its integrity record before it is read (integrity.py), and NaN or
 inf values in an HF checkpoint are named in a warning.
+
+Quantized checkpoints: `hf_to_orbax(..., quantize=RECIPE)` quantizes each slab as it passes
+(model/quantization.py): a slab holds whole HF rows, which are our leaves' output channels, so
+it holds whole input axes, over which scales and groups are taken. Meta's FP8 checkpoints
+(checkpoints/fp8.py) convert as they are, into the fp8_mixed layout.
 """
 from __future__ import annotations
 
@@ -21,28 +26,58 @@ from tqdm import tqdm
 from checkpoints import hf, integrity, orbax_io
 from checkpoints import keys as K
 from checkpoints.errors import CheckpointError, staged_dir
+from model import quantization
 from model.config import Config
 
 SLAB_BYTES = 64 << 20    # sized for 4-byte elements; a slab is never less than one HF row
 COMMIT_BYTES = 32 << 20  # written data allowed to wait for its commit
 
 
-def leaf_specs(cfg: Config, hf_keys: list[K.Key], dtype, slab_bytes: int
-               ) -> dict[K.Path, orbax_io.LeafSpec]:
-    """Each leaf's shape and dtype, and its write shape: one slab of one HF tensor."""
+def leaf_specs(cfg: Config, hf_keys: list[K.Key], dtype, slab_bytes: int,
+               recipe: str | None = None) -> dict[K.Path, orbax_io.LeafSpec]:
+    """Each stored array's shape and dtype (a quantized leaf's qvalue and scale: their own),
+    and its write shape: one slab of one HF tensor (of a scale: the slab's scales)."""
     write = {}
     for key in hf_keys:
         _, _, slab = next(key.slabs(slab_bytes))
         write |= {p: (1,) * len(key.index) + slab for p in key.ours}
-    return {p: orbax_io.LeafSpec(s, np.dtype(dtype), write[p])
-            for p, s in K.param_shapes(cfg).items()}
+    shapes, arrays = K.param_shapes(cfg), K.stored(cfg, recipe)
+    parts = K.quantized_parts(arrays)
+    specs = {}
+    for p, s in arrays.items():
+        if p not in write:  # quantized as it is written: the write shape of its weight's slab
+            leaf = shapes[p[:-1]]
+            write[p] = tuple(w if n == m else n for w, n, m in zip(write[p[:-1]], s.shape, leaf))
+        specs[p] = orbax_io.LeafSpec(tuple(s.shape), np.dtype(s.dtype if p in parts else dtype),
+                                     write[p])
+    return specs
+
+
+def stored_slabs(path: K.Path, y: np.ndarray, recipe: str | None):
+    """(stored array, data) for one slab of our leaf `path`: itself, or quantized by `recipe`
+    into its qvalue and scale."""
+    s = quantization.scheme(recipe, path) if recipe else None
+    if s is None:
+        return [(path, y)]
+    q = quantization.quantize(y, s)
+    return [(path + ("qvalue",), np.asarray(q.qvalue)), (path + ("scale",), np.asarray(q.scale))]
+
+
+def warn_unquantized(ckpt: hf.HFCheckpoint):
+    """The warning for an fp8 checkpoint's MoE layers whose experts are bf16 on disk."""
+    if layers := ckpt.unquantized_moe_layers():
+        warnings.warn(f"{ckpt.path}: the routed experts of layers {layers} are bf16 (its "
+                      "quantization_config ignores them); they are quantized to fp8 as they load, "
+                      "as fp8_mixed quantizes every MoE layer (one dtype per stacked leaf)",
+                      stacklevel=3)
 
 
 def open_orbax(src: Path, verify: bool = True
                ) -> tuple[Config, str, np.dtype, orbax_io.Stores, dict]:
-    """(config, HF layout, stored dtype, every leaf opened unread, checkpoint.json) of an Orbax
-    directory, after holding its leaves against the config (every mismatch at once) and, with
-    `verify`, the whole directory against its integrity record (reading every byte)."""
+    """(config, HF layout, stored dtype, every array opened unread, checkpoint.json) of an
+    Orbax directory, after holding its arrays against the config and its recipe (every mismatch
+    at once) and, with `verify`, the whole directory against its integrity record (reading every
+    byte)."""
     if not src.exists():
         raise CheckpointError(f"{src} does not exist")
     if not orbax_io.is_orbax_dir(src):
@@ -56,16 +91,17 @@ def open_orbax(src: Path, verify: bool = True
                               f"({orbax_io.reason(e)})") from None
     if verify:
         integrity.verify(src, meta, stores)
-    K.check({"/".join(p): s for p, s in K.param_shapes(cfg).items()},
+    K.check({"/".join(p): s for p, s in K.param_shapes(cfg, meta.get("quantization")).items()},
             {"/".join(p): tuple(t.shape) for p, t in stores.items()}, str(src))
     return cfg, layout, dtype, stores, meta
 
 
-def write_orbax(dst: Path, cfg: Config, layout: str, dtype, save: Callable[[Path], None]):
+def write_orbax(dst: Path, cfg: Config, layout: str, dtype, save: Callable[[Path], None],
+                recipe: str | None = None):
     """A new Orbax directory `dst`: metadata, the parameters that `save(params_dir)` writes, then
     the integrity record of what is on disk; it appears at `dst` only when complete."""
     with staged_dir(dst) as tmp:
-        meta = orbax_io.write_meta(tmp, cfg, layout, dtype)
+        meta = orbax_io.write_meta(tmp, cfg, layout, dtype, recipe)
         save(tmp / orbax_io.PARAMS)
         integrity.write(tmp, meta, orbax_io.open_lazy(tmp / orbax_io.PARAMS))
 
@@ -93,13 +129,38 @@ def _bar(total: int, desc: str, progress: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not progress)
 
 
-def hf_to_orbax(src, dst, dtype=None, *, slab_bytes: int = SLAB_BYTES, progress: bool = True):
-    """HF directory `src` -> new Orbax directory `dst`, one slab in memory at a time."""
+def quantized_source(src: Path, quantize: str | None) -> str | None:
+    """The recipe of converting `src` (quantized by `quantize`): the refusals of --quantize
+    (an unknown recipe, a source quantized already) before anything is read or written."""
+    if quantize is not None and quantize not in quantization.RECIPES:
+        raise CheckpointError(f"unknown quantization recipe {quantize!r}; choose from "
+                              f"{list(quantization.RECIPES)}")
+    if quantize is not None and orbax_io.is_orbax_dir(src):
+        done = orbax_io.read_meta(src)[3].get("quantization")
+        raise CheckpointError(
+            f"{src} is quantized already ({done})" if done else
+            f"{src} is an Orbax checkpoint; --quantize reads the HF checkpoint it came from")
+    return quantize
+
+
+def hf_to_orbax(src, dst, dtype=None, *, quantize: str | None = None,
+                slab_bytes: int = SLAB_BYTES, progress: bool = True):
+    """HF directory `src` -> new Orbax directory `dst`, one slab in memory at a time; with
+    `quantize` (a recipe of model/quantization.py) quantized as it is written. Meta's FP8
+    checkpoints convert as they are (fp8_mixed); quantizing them again is refused."""
     src, dst = Path(src), Path(dst)
+    recipe = quantized_source(src, quantize)
     ckpt = hf.HFCheckpoint(src)
-    hf_keys = K.hf_keys(ckpt.cfg, ckpt.layout)
+    if ckpt.fp8 and quantize:
+        raise CheckpointError(f"{src} is quantized already (Meta's FP8 layout: its routed "
+                              "experts are float8_e4m3fn); convert it without --quantize, as "
+                              "fp8_mixed")
+    recipe = "fp8_mixed" if ckpt.fp8 else recipe
+    hf_keys = ckpt.keys()
     ckpt.check(hf_keys)
+    warn_unquantized(ckpt)
     dtype = np.dtype(dtype) if dtype is not None else ckpt.dtype()
+    specs = leaf_specs(ckpt.cfg, hf_keys, dtype, slab_bytes, recipe)
     total = sum(math.prod(k.hf_shape) * hf.DTYPES[ckpt.tensors[k.hf][1]].itemsize for k in hf_keys)
     read = NonFinite(ckpt.read)
 
@@ -111,25 +172,26 @@ def hf_to_orbax(src, dst, dtype=None, *, slab_bytes: int = SLAB_BYTES, progress:
         held = 0
         try:
             with _bar(total, f"{src.name} -> orbax", progress) as bar:
-                for path, idx, y in K.ours_slabs(hf_keys, read, slab_bytes):
-                    bar.update(y.nbytes)
-                    y = y.astype(dtype, copy=False)
-                    write = stores[path][idx].write(y)
-                    await write.copy
-                    pending.append((write.commit, y.nbytes))
-                    held += y.nbytes
-                    while held > COMMIT_BYTES:
-                        commit, n = pending.popleft()
-                        await commit
-                        held -= n
+                for path, idx, slab in K.ours_slabs(hf_keys, read, slab_bytes):
+                    bar.update(slab.nbytes)
+                    for stored, y in stored_slabs(path, slab, recipe):
+                        y = y.astype(specs[stored].dtype, copy=False)
+                        write = stores[stored][idx].write(y)
+                        await write.copy
+                        pending.append((write.commit, y.nbytes))
+                        held += y.nbytes
+                        while held > COMMIT_BYTES:
+                            commit, n = pending.popleft()
+                            await commit
+                            held -= n
         finally:  # even on failure: no write may land after the cleanup has removed the directory
             done = await asyncio.gather(*(c for c, _ in pending), return_exceptions=True)
         for result in done:
             if isinstance(result, BaseException):
                 raise result
 
-    write_orbax(dst, ckpt.cfg, ckpt.layout, dtype, lambda params: orbax_io.save_streamed(
-        params, leaf_specs(ckpt.cfg, hf_keys, dtype, slab_bytes), fill))
+    write_orbax(dst, ckpt.cfg, ckpt.layout, dtype,
+                lambda params: orbax_io.save_streamed(params, specs, fill), recipe)
     read.warn(src)
 
 
@@ -139,7 +201,11 @@ def orbax_to_hf(src, dst, dtype=None, *, slab_bytes: int = SLAB_BYTES,
     """Orbax directory `src` -> new HF directory `dst`, in the key layout `src` came from.
     `verify`: check `src` against its integrity record first."""
     src, dst = Path(src), Path(dst)
-    cfg, layout, stored, stores, _ = open_orbax(src, verify)
+    cfg, layout, stored, stores, meta = open_orbax(src, verify)
+    if "quantization" in meta:
+        raise CheckpointError(f"{src} is quantized ({meta['quantization']}), and only "
+                              "unquantized checkpoints convert back to HF: load it, "
+                              "model.quantization.dequantize_params, checkpoints.save_hf")
     dtype = np.dtype(dtype) if dtype is not None else stored
     total = sum(math.prod(s) for s in K.param_shapes(cfg).values()) * dtype.itemsize
 

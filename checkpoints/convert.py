@@ -1,7 +1,11 @@
 """Command line for checkpoint conversion (see checkpoints.conversion).
 
     python -m checkpoints.convert SRC DST [--dtype bfloat16|float32]   # HF dir -> Orbax dir
+    python -m checkpoints.convert SRC DST --quantize int4_mixed        # ... quantized, streamed
     python -m checkpoints.convert SRC DST --to hf                      # Orbax dir -> HF dir
+
+--quantize takes a recipe of model/quantization.py (int8, int4_mixed, fp8_mixed); Meta's FP8
+checkpoints convert as they are (fp8_mixed) without it.
 
 Bad input prints one `error: ...` line naming the file or tensor and exits 1, leaving no DST.
 An Orbax SRC is checked against its integrity record first (--no-verify skips it); HF tensors
@@ -27,6 +31,8 @@ def main(argv=None) -> int:
     p.add_argument("--to", choices=("orbax", "hf"), default="orbax")
     p.add_argument("--dtype", choices=("bfloat16", "float32"),
                    help="dtype to store (default: the source's)")
+    p.add_argument("--quantize", metavar="RECIPE",
+                   help="quantize the weights: int8, int4_mixed or fp8_mixed")
     p.add_argument("--max-shard-bytes", type=int, default=hf.MAX_SHARD_BYTES,
                    help="with --to hf: start a new safetensors shard beyond this size")
     p.add_argument("--no-verify", action="store_true",
@@ -36,7 +42,7 @@ def main(argv=None) -> int:
         warnings.simplefilter("always")
         try:
             if args.to == "orbax":
-                hf_to_orbax(args.src, args.dst, args.dtype)
+                hf_to_orbax(args.src, args.dst, args.dtype, quantize=args.quantize)
             else:
                 orbax_to_hf(args.src, args.dst, args.dtype, max_shard_bytes=args.max_shard_bytes,
                             verify=not args.no_verify)

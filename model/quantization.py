@@ -141,6 +141,14 @@ def is_quantized(x) -> bool:
     return isinstance(x, QArray)
 
 
+def child_axes(axes, full: tuple[int, ...], child: tuple[int, ...]) -> tuple:
+    """The axes (logical names, or the mesh axes of a PartitionSpec) of a quantized leaf's
+    qvalue or scale, from the leaf's: the same, but None where the child reduces an axis to
+    size 1 (a scale's reduced axes; its groups keep the weight's split)."""
+    axes = (*axes, *(None,) * (len(full) - len(axes)))
+    return tuple(None if c == 1 != f else a for a, f, c in zip(axes, full, child))
+
+
 def quantize_params(cfg: Config, params, recipe: str):
     """params (the stored tree of `cfg`, arrays) with the leaves `recipe` names held as QArrays."""
     from .params import param_shapes
