@@ -10,8 +10,6 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from flax import traverse_util
-from qwix import QArray
 from safetensors.torch import load_file, save_file
 
 import checkpoints
@@ -113,11 +111,6 @@ def hf_dir(tmp_path_factory):
                                     interleave_moe_layer_step=2)
 
 
-def _fp8_params(tree):
-    return {"/".join(p): x for p, x in traverse_util.flatten_dict(tree).items()
-            if isinstance(x, QArray)}
-
-
 def test_meta_fp8_checkpoint_loads_as_stored(hf_dir, tmp_path):
     src, hf = hf_dir
     dequantized = write_meta_fp8(src, tmp_path / "fp8")
@@ -141,6 +134,8 @@ def test_meta_fp8_checkpoint_loads_as_stored(hf_dir, tmp_path):
         "quantization"] == "fp8_mixed"
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
         np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+    out = model.generate(cfg2, params2, IDS[:, :5], max_new_tokens=3, stop_tokens=[])
+    assert out.shape == (2, 8)
 
 
 def test_fp8_layers_left_in_bf16_are_quantized_on_load(hf_dir, tmp_path):
@@ -160,36 +155,45 @@ def test_fp8_layers_left_in_bf16_are_quantized_on_load(hf_dir, tmp_path):
                                       np.asarray(exp.qvalue).view(np.uint8))
 
 
-@pytest.mark.parametrize("recipe", Q.RECIPES)
-def test_convert_quantize_loads_what_the_recipe_makes(hf_dir, tmp_path, recipe):
-    """convert --quantize writes, slab by slab (slabs of 1 KB: many per tensor), exactly what
-    quantize_params makes of the whole tree; the loaded params run forward and generate, also
-    placed on a mesh with each scale split as its weight."""
-    src, _ = hf_dir
+@pytest.fixture(scope="module")
+def converted(hf_dir, tmp_path_factory):
+    """{recipe: Orbax directory}: convert --quantize, slab by slab (slabs of 1 KB: many per
+    tensor)."""
     from checkpoints.conversion import hf_to_orbax
-    hf_to_orbax(src, tmp_path / "q", quantize=recipe, slab_bytes=1024, progress=False)
-    cfg, params = checkpoints.load(tmp_path / "q")
-    _, plain = checkpoints.load(src)
+    root = tmp_path_factory.mktemp("converted")
+    for recipe in Q.RECIPES:
+        hf_to_orbax(hf_dir[0], root / recipe, quantize=recipe, slab_bytes=1024, progress=False)
+    return {r: root / r for r in Q.RECIPES}
+
+
+@pytest.mark.parametrize("recipe", Q.RECIPES)
+def test_convert_quantize_writes_what_the_recipe_makes(hf_dir, converted, recipe):
+    """Streamed, the conversion stores exactly what quantize_params makes of the whole tree."""
+    cfg, params = checkpoints.load(converted[recipe])
+    _, plain = checkpoints.load(hf_dir[0])
     want = Q.quantize_params(cfg, plain, recipe)
     assert jax.tree.structure(params) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
-    logits = np.asarray(model.forward(cfg, params, IDS))
+
+
+@pytest.mark.parametrize("recipe", ["int4_mixed", "fp8_mixed"])
+def test_quantized_params_on_a_mesh(converted, recipe):
+    """Loaded straight into shards (each scale split as its weight, unsplit where it reduces),
+    and sharded == single device, through the expert-parallel map."""
+    cfg, params = checkpoints.load(converted[recipe])
     mesh = sharding.make_mesh("data=2,expert=2,tensor=2")
-    placed = sharding.shard_params(cfg, params, mesh)
-    q = _fp8_params(placed)
-    wg = q["blocks/layer_1/moe/wi_gate"]        # [nb, E, D, F]: scale [nb, E, 1 or D/g, F]
-    assert wg.scale.sharding.spec[1] == "expert" and wg.qvalue.sharding.spec[1] == "expert"
-    assert wg.scale.sharding.spec[3] == wg.qvalue.sharding.spec[3] == "tensor"
-    np.testing.assert_allclose(model.forward(cfg, placed, IDS, mesh=mesh), logits, atol=1e-5,
-                               rtol=0)
-    # read straight into the shards
-    _, loaded = sharding.load(tmp_path / "q", mesh)
-    for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(loaded)):
+    _, placed = sharding.load(converted[recipe], mesh)
+    wg, wo = (placed["blocks"]["layer_1"]["moe"][n] for n in ("wi_gate", "wo"))
+    assert wg.qvalue.sharding.spec[1:] == wg.scale.sharding.spec[1:] == ("expert", None, "tensor")
+    assert wo.qvalue.sharding.spec[1:3] == ("expert", "tensor")  # [nb, E, F, D]
+    assert wo.scale.shape[2] == 1 and wo.scale.sharding.spec[2] is None
+    again = sharding.shard_params(cfg, params, mesh)
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(placed)):
         assert a.sharding == b.sharding
-    out = model.generate(cfg, params, IDS[:, :5], max_new_tokens=3, stop_tokens=[])
-    assert out.shape == (2, 8)
+    np.testing.assert_allclose(model.forward(cfg, placed, IDS, mesh=mesh),
+                               model.forward(cfg, params, IDS), atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------
