@@ -22,11 +22,13 @@ Recipes, with Meta's names (llama-models 0.3.0, `llama4/quantization/loader.py` 
   (fbgemm's quantize_fp8_per_row): float8_e4m3fn, one scale per output channel, absmax / 448;
   activations are quantized per row to fp8 before each expert product, their row max clamped to
   the loader's `fp8_activation_scale_ub` = 1200 (model/kernels/quantized.py).
-  Deviation: Meta leaves the experts of the first and the last layer in bf16; here the routed
-  experts of every MoE layer are fp8. The stored tree stacks each weight over the blocks (layer
-  0 and layer 47 share their leaves with the layers of the same slot in other blocks), so one
-  leaf has one dtype; and Meta's published FP8 Maverick checkpoint itself has every one of its
-  24 MoE layers in fp8 (its ~389 GB hold only that), which is what this recipe loads.
+  Deviation: Meta's loader skips the first and the last layer (`block.layer_id == 0 or
+  == n_layers - 1`; in Maverick layer 0 is dense, so that is layer 47's experts); here the
+  routed experts of every MoE layer are fp8. The stored tree stacks each weight over the blocks
+  (layer 47 shares its leaves with the layers of the same slot in the other blocks), so one leaf
+  has one dtype, and a second layout for one layer is not worth its code. A checkpoint in Meta's
+  FP8 layout that leaves some layers' experts in bf16 has them quantized to fp8 as it loads, by
+  this recipe (checkpoints/fp8.py).
 Scales are float32 (as fbgemm's), rounding is half to even (torch.round's), values are divided
 by the scale (Meta's int4; fbgemm multiplies by 448 / absmax, within an ulp of it).
 """

@@ -4,7 +4,6 @@ the forwards of their dequantized weights in every expert kernel and layout, fp8
 a reference written out here, and decoding with an 8-bit cache within a stated bound."""
 import ast
 import inspect
-import math
 
 import jax
 import jax.numpy as jnp
@@ -15,26 +14,13 @@ from flax import traverse_util
 from qwix import QArray
 
 import model
+from experiments.bench_quantized_accuracy import o1_params
 from model import quantization as Q
 from model import sampling
 from model.config import ConfigError
 from model.kernels import experts as X
 from model.kernels import views
 from model.kernels.quantized import fp8_rows
-from model.layers import INIT_STD
-
-
-def o1_params(cfg, seed=0):
-    """Random params whose activations stay O(1): each matrix ~ 1/sqrt(fan in), embeddings ~ 1
-    (init_params' 0.02 makes every layer nearly the identity, and quantization nearly free)."""
-    params = traverse_util.flatten_dict(model.init_params(cfg, jax.random.key(seed)))
-    for p, x in params.items():
-        if p[-1] == "embedding":
-            params[p] = x / INIT_STD
-        elif p[-1] in Q.INPUT_AXES or p[-1] == "router":
-            axes = Q.INPUT_AXES.get(p[-1], (-2,))
-            params[p] = x / INIT_STD / math.sqrt(math.prod(x.shape[a] for a in axes))
-    return traverse_util.unflatten_dict(params)
 
 
 # D = 128 and F = 256: the experts' down projection has two int4 groups per output channel.
