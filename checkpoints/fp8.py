@@ -1,6 +1,7 @@
 """Meta's published FP8 checkpoints (Llama-4-Maverick-17B-128E-Instruct-FP8), read as they are.
 
-Their layout, as HF transformers' compressed-tensors loader and vLLM read it:
+Their layout, as HF transformers' compressed-tensors loader reads it (vLLM's loader was not
+checked here):
 - config.json has a top-level `quantization_config` in compressed-tensors' FP8_DYNAMIC form:
   quant_method "compressed-tensors", format "float-quantized", quantization_status
   "compressed"; config groups targeting Linear layers with 8-bit float, symmetric, static weights

@@ -16,11 +16,12 @@ equals an fp8 GEMM with fp32 accumulation up to fp32 rounding.
 What XLA makes of it: the convert and the scale multiply are elementwise ops on the weight,
 which XLA fuses with each other and, for a gathered weight, with the gather. XLA:CPU does not
 fuse them into the dot: it writes the dequantized weight out and then multiplies, so on this
-CPU an int8 matvec costs more than the fp32 one (measured: `python -m
-experiments.bench_quantized_decode`). GPU compilers can fuse a convert into a dot's operand (XLA:GPU's
-dot fusions read int8 and fp8 operands), which is where the bytes read drop with the weights'.
-qwix.dot_general / ragged_dot, which multiply the raw qvalues and scale the output, are the
-alternative; on this CPU they convert the qvalues as well and gain nothing measurable.
+CPU a quantized decode step is not cheaper than the fp32 one (measured: `python -m
+experiments.bench_generate --quantize int8`). GPU compilers can fuse a convert into a dot's
+operand (XLA:GPU's dot fusions read int8 and fp8 operands), which is where the bytes read drop
+with the weights'. qwix.dot_general / ragged_dot, which multiply the raw qvalues and scale the
+output, are the alternative; they would replace every product of the kernels with qwix's own,
+for a gain this CPU cannot show, so the kernels keep one product and dequantize into it.
 """
 from __future__ import annotations
 
