@@ -116,9 +116,10 @@ def main():
             to_hf = (0, 0.0) if args.quantize else peak_rss(
                 convert + [str(work / "orbax"), str(work / "back"), "--to", "hf"])
             rows.append((layers, size, to_orbax, to_hf))
+            back = "" if args.quantize else (f", Orbax->HF peak RSS {to_hf[0] / 1e6:.0f} MB "
+                                             f"({to_hf[1]:.0f} s)")
             print(f"{layers} layers, {size / 1e9:.2f} GB: HF->Orbax peak RSS "
-                  f"{to_orbax[0] / 1e6:.0f} MB ({to_orbax[1]:.0f} s), Orbax->HF peak RSS "
-                  f"{to_hf[0] / 1e6:.0f} MB ({to_hf[1]:.0f} s)", flush=True)
+                  f"{to_orbax[0] / 1e6:.0f} MB ({to_orbax[1]:.0f} s){back}", flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     with contextlib.suppress(OSError):  # ours when empty; a shared --tmp is not
@@ -132,11 +133,11 @@ def main():
              f"`python -m checkpoints.convert {' '.join(quantize)}` in a subprocess on "
              f"{os.cpu_count()} CPUs; "
              f"peak RSS = {how}",
-             "", f"{'layers':>6} {'checkpoint':>11} {'HF->Orbax RSS':>14} {'time':>6} "
-             f"{'Orbax->HF RSS':>14} {'time':>6}"]
+             "", f"{'layers':>6} {'checkpoint':>11} {'HF->Orbax RSS':>14} {'time':>6}"
+             + ("" if args.quantize else f" {'Orbax->HF RSS':>14} {'time':>6}")]
     for layers, size, (o_rss, o_s), (h_rss, h_s) in rows:
-        lines.append(f"{layers:>6} {size / 1e9:>9.2f}GB {o_rss / 1e6:>12.0f}MB {o_s:>5.0f}s "
-                     f"{h_rss / 1e6:>12.0f}MB {h_s:>5.0f}s")
+        back = "" if args.quantize else f" {h_rss / 1e6:>12.0f}MB {h_s:>5.0f}s"
+        lines.append(f"{layers:>6} {size / 1e9:>9.2f}GB {o_rss / 1e6:>12.0f}MB {o_s:>5.0f}s{back}")
     back = "" if args.quantize else f", {big[3][0] / small[3][0]:.2f}x (Orbax->HF)"
     lines += ["", f"checkpoint grew {big[1] / small[1]:.2f}x; peak RSS grew "
               f"{big[2][0] / small[2][0]:.2f}x (HF->Orbax){back}"]

@@ -283,7 +283,9 @@ QUANTIZED = [
 def table(path: str, devices, batch: int):
     rows = []
     for preset, mesh, dtype, ctx, recipe, kv in TABLE + QUANTIZED:
-        r = plan(preset, mesh, dtype, batch, ctx, devices=devices, quantize=recipe, kv_dtype=kv)
+        from sharding.mesh import parse_mesh
+        r = plan(preset, mesh, dtype, batch, ctx, quantize=recipe, kv_dtype=kv,
+                 devices=devices[:math.prod(parse_mesh(mesh).values())])
         print(report(r), flush=True)
         rows.append(r)
     head = ("| model | mesh | dtype | weights | KV cache dtype | context | params | KV cache "

@@ -252,3 +252,21 @@ def test_quantized_cache_decodes_within_its_bound(params, kv):
     stacked, split = _decode(q, params, prompts, 8, "stacked"), _decode(q, params, prompts, 8, None)
     for a, b in zip(split, stacked):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_planner_takes_quantized_weights_and_cache():
+    """The planner's figures for int4_mixed weights and an int8 cache: the quantized shard sizes
+    stand in the compiled arguments (their sum still exact: params + cache + a few token ids),
+    the cache at 1 byte a value plus a float32 scale per head (kv_cache.cache_bytes), split over
+    tensor=2 with the KV heads, beside its int32 positions."""
+    from experiments import plan
+    cfg = model.tiny()
+    q = plan.plan("tiny", "tensor=2,expert=2", "float32", 1, 64, devices=jax.devices()[:4],
+                  quantize="int4_mixed", kv_dtype="int8")
+    for name in ("prefill", "decode"):
+        assert 0 <= q[name]["arguments"] - q["params"] - q["cache"] < 10_000
+    positions = sum(4 * np.prod(s.shape) for s in jax.tree.leaves(
+        model.kv_cache.init_cache(cfg, 1, 64)) if s.dtype == np.int32)
+    assert q["cache"] - positions == model.kv_cache.cache_bytes(
+        cfg.replace(kv_dtype="int8"), 1, 64) / 2
+    assert "int4_mixed params, int8 KV cache" in plan.report(q)
