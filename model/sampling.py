@@ -122,18 +122,14 @@ def prefill(cfg: Config, params, input_ids: Sequence[Sequence[int]] | np.ndarray
     cache and state are placed on it (see sharding/). pixel_values [tiles, S, S, 3]: the tiles
     of every image of every row, in order (see `model.image_processing.build_inputs`).
     `experts`, `layout`: override the runtime's choice (runtime.resolve)."""
-    inputs.check_prompt(input_ids, pixel_values)
     t = cfg.text
+    inputs.check_token_ids(input_ids, t.vocab_size)
+    inputs.check_pixel_values(pixel_values)
     rows = _as_rows(input_ids)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("empty prompt: every row needs at least one token")
-    for b, r in enumerate(rows):
-        bad = [x for x in r if not 0 <= x < t.vocab_size]
-        if bad:
-            raise ValueError(f"prompt row {b}: token ids {bad[:5]} outside the vocabulary "
-                             f"0..{t.vocab_size - 1}")
     T = max(len(r) for r in rows)
     if T + max_new_tokens > t.max_position_embeddings:
         raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new ones exceeds the "

@@ -146,6 +146,29 @@ def test_bad_input(pair, prompt, kw, message):
         model.generate(cfg, params, prompt, **{"max_new_tokens": 4, **kw})
 
 
+@pytest.mark.parametrize("ids, bad", [([[1, 2, 100000]], 100000), (np.array([[1, -1]]), -1),
+                                      (np.array([[2**40]]), 2**40)])
+def test_forward_refuses_ids_outside_the_vocabulary_as_generate_does(pair, ids, bad):
+    """One check for both (model.inputs): not another token, which the embedding lookup would
+    make of it (it clamps: 100000 reads 96, -1 reads 0)."""
+    _, cfg, params = pair
+    message = (rf"token id {bad} is outside the vocabulary 0\.\.96|outside the vocabulary "
+               rf"0\.\.96, e\.g\. {bad} at position")
+    with pytest.raises(ValueError, match=message):
+        model.forward(cfg, params, ids)
+    with pytest.raises(ValueError, match=message):
+        model.generate(cfg, params, ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match="input_ids must hold integer token ids"):
+        model.forward(cfg, params, [[1, 2.5]])
+
+
+def test_forward_under_a_callers_jit(pair):
+    _, cfg, params = pair
+    ids = np.array([[1, 2, 3]])
+    traced = jax.jit(lambda i: model.forward(cfg, params, i))(ids)
+    np.testing.assert_array_equal(traced, model.forward(cfg, params, ids))
+
+
 def test_streaming_needs_a_positive_stream_every(pair):
     _, cfg, params = pair
     _, state = sampling.prefill(cfg, params, [[1, 2]], max_new_tokens=4)
