@@ -15,7 +15,6 @@ import base64
 import hashlib
 import io
 import os
-import sys
 import tempfile
 from pathlib import Path
 
