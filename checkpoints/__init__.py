@@ -1,6 +1,7 @@
 """Checkpoints: the HF key table, HF <-> params conversion, Orbax save and restore.
 
-    cfg, params = checkpoints.load(path)     # an HF directory or one of our Orbax directories
+    cfg, params = checkpoints.load(path)     # an HF directory, one of our Orbax directories,
+                                             # or a training run (its latest step) or one step
     checkpoints.save(path, cfg, params)      # in-memory params -> Orbax directory
     checkpoints.save_hf(path, cfg, params)   # in-memory params -> HF directory
     python -m checkpoints.convert SRC DST [--dtype bfloat16] [--to hf] [--quantize RECIPE]
@@ -10,155 +11,28 @@ Parameter tree names (a public format, kept by Orbax checkpoints) are listed by
 checkpoints (a recipe of model/quantization.py, or Meta's FP8 checkpoints) load as they are
 stored: their quantized leaves are qwix QArrays, which model.forward / model.generate and
 sharding/ take as they are.
+Conversions carry the tokenizer and the other non-weight files (`checkpoints.assets`).
+
+The names below are imported on first use, so that `python -m checkpoints.convert --help` answers
+before JAX and Orbax are loaded.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import importlib
 
-import jax
-import numpy as np
-from flax import traverse_util
+from checkpoints.errors import CheckpointError
 
-from checkpoints import hf, integrity, orbax_io
-from checkpoints import keys as K
-from checkpoints.conversion import (SLAB_BYTES, NonFinite, hf_to_orbax, open_orbax,
-                                    orbax_to_hf, stored_slabs, warn_unquantized, write_orbax)
-from checkpoints.errors import CheckpointError, staged_dir
-from checkpoints.keys import param_shapes
-from model import quantization
-from model.config import Config
+_LAZY = {"load": "loading", "save": "loading", "save_hf": "loading", "param_shapes": "keys",
+         "hf_to_orbax": "conversion", "orbax_to_hf": "conversion"}
+_SUBMODULES = ("assets", "conversion", "errors", "hf", "integrity", "keys", "loading",
+               "orbax_io", "runs", "sources")
 
-__all__ = ["CheckpointError", "load", "save", "save_hf", "param_shapes", "hf_to_orbax",
-           "orbax_to_hf"]
+__all__ = ["CheckpointError", *_LAZY]
 
 
-def load(path, dtype=None, shardings=None, verify: bool = True) -> tuple[Config, dict]:
-    """(config, params) from an HF directory or an Orbax directory written by this package.
-
-    Leaves are jax.Arrays in the stored dtype unless `dtype` is given; cfg.param_dtype says which.
-    A quantized checkpoint's quantized leaves are QArrays (their qvalues and float32 scales as
-    stored, whatever `dtype`): model.quantization.dequantize_params undoes them.
-    `shardings` (one Sharding, a tree of them shaped like params, or a function of the config
-    returning either, e.g. `lambda cfg: sharding.param_shardings(cfg, mesh)`) places each leaf
-    as it is read (a quantized leaf's scale split as its weight, but on the axes it reduces);
-    from Orbax each host then reads only its own shards.
-    An Orbax directory is held against its integrity record (integrity.json): every array read
-    is hashed (in one process, in the stored dtype: the values just read; otherwise the stored
-    bytes, read again, all of them on each host). `verify=False` skips that, for speed, on a
-    checkpoint you trust. HF tensors holding NaN or inf are named in a warning.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist")
-    if orbax_io.is_orbax_dir(path):
-        cfg, _, stored, stores, meta = open_orbax(path, verify=False)  # checked once read, below
-        recipe = meta.get("quantization")
-        dtype = np.dtype(dtype) if dtype is not None else stored
-        arrays = K.stored(cfg, recipe)
-        try:
-            flat = traverse_util.flatten_dict(orbax_io.restore(
-                path / orbax_io.PARAMS, {p: s.shape for p, s in arrays.items()},
-                _dtypes(arrays, dtype), _placement(shardings, cfg, recipe)))
-        except Exception as e:  # noqa: BLE001 (Orbax wraps TensorStore's error in a bare Exception)
-            cause = orbax_io.read_error(e)
-            if cause is None:
-                raise
-            raise CheckpointError(f"{path}: cannot read the parameters "
-                                  f"({orbax_io.reason(cause)})") from None
-        if verify:  # hashing what was just read, where this process holds it in the stored dtype
-            read = flat if dtype == stored and jax.process_count() == 1 else None
-            integrity.verify(path, meta, stores, read)
-    else:
-        ckpt = hf.HFCheckpoint(path)
-        recipe = "fp8_mixed" if ckpt.fp8 else None
-        cfg, hf_keys = ckpt.cfg, ckpt.keys()
-        ckpt.check(hf_keys)
-        warn_unquantized(ckpt)
-        dtype = np.dtype(dtype) if dtype is not None else ckpt.dtype()
-        arrays = K.stored(cfg, recipe)
-        dtypes = _dtypes(arrays, dtype)
-        flat = {p: np.empty(s.shape, dtypes[p]) for p, s in arrays.items()}
-        read = NonFinite(ckpt.read)
-        for p, idx, slab in K.ours_slabs(hf_keys, read, SLAB_BYTES):
-            for stored_path, y in stored_slabs(p, slab, recipe):
-                flat[stored_path][idx] = y
-        read.warn(path)
-        place = _placement(shardings, cfg, recipe)
-        # pop: each host copy is freed as soon as its leaf is on the device
-        flat = {p: jax.device_put(flat.pop(p), place[p]) for p in list(flat)}
-    return cfg.replace(param_dtype=dtype.name), K.tree(flat)
-
-
-def _dtypes(arrays: dict, dtype: np.dtype) -> dict:
-    """The dtype each stored array is read into: `dtype`, but a quantized leaf's qvalue and
-    scale as stored."""
-    parts = K.quantized_parts(arrays)
-    return {p: np.dtype(s.dtype) if p in parts else dtype for p, s in arrays.items()}
-
-
-def _placement(shardings, cfg: Config, recipe: str | None) -> dict:
-    """Flat {stored array: Sharding}; the first device when none is asked for. A quantized
-    leaf's qvalue and scale take its weight's sharding, the scale none on the axes it reduces
-    to size 1 (model.quantization.child_axes)."""
-    if callable(shardings):
-        shardings = shardings(cfg)
-    if shardings is None:
-        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    arrays = K.stored(cfg, recipe)
-    if isinstance(shardings, jax.sharding.Sharding):
-        return {p: shardings for p in arrays}
-    given, shapes = K.flat_arrays(shardings), K.param_shapes(cfg)
-    return {p: given[p] if p in given else _child_sharding(given[p[:-1]], shapes[p[:-1]], s.shape)
-            for p, s in arrays.items()}
-
-
-def _child_sharding(sharding, full: tuple[int, ...], child: tuple[int, ...]):
-    if not isinstance(sharding, jax.sharding.NamedSharding):
-        return sharding
-    spec = quantization.child_axes(sharding.spec, full, child)
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
-
-
-def _check_params(cfg: Config, params) -> tuple[np.dtype, str | None]:
-    """(the one dtype of the unquantized leaves of `params`, their recipe), after checking
-    their arrays against the config."""
-    try:
-        recipe = quantization.recipe_of(cfg, params)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
-    flat = K.flat_arrays(params)
-    K.check({"/".join(p): s for p, s in param_shapes(cfg, recipe).items()},
-            {"/".join(p): tuple(x.shape) for p, x in flat.items()}, "params")
-    parts = K.quantized_parts(flat)
-    dtypes = {np.dtype(x.dtype) for p, x in flat.items() if p not in parts}
-    if len(dtypes) != 1:
-        raise CheckpointError(f"params mix dtypes {sorted(d.name for d in dtypes)}; "
-                              "cast them to one first")
-    return dtypes.pop(), recipe
-
-
-def _default_layout(cfg: Config) -> str:
-    return "conditional_generation" if cfg.vision is not None else "causal_lm"
-
-
-def save(path, cfg: Config, params, layout: str | None = None):
-    """Write in-memory `params` as a new Orbax directory; `layout` is the HF layout to convert
-    back to (default: the one HF uses for this kind of model). Quantized params (by a recipe of
-    model/quantization.py) are written with their recipe."""
-    dtype, recipe = _check_params(cfg, params)
-    stored = traverse_util.unflatten_dict(K.flat_arrays(params))
-    write_orbax(Path(path), cfg, layout or _default_layout(cfg), dtype,
-                lambda directory: orbax_io.save(directory, stored), recipe)
-
-
-def save_hf(path, cfg: Config, params, layout: str | None = None, *,
-            max_shard_bytes: int = hf.MAX_SHARD_BYTES):
-    """Write in-memory `params` (unquantized) as a new HF directory (config.json + safetensors)."""
-    dtype, recipe = _check_params(cfg, params)
-    if recipe is not None:
-        raise CheckpointError(f"params are quantized ({recipe}); an HF directory is written from "
-                              "unquantized params (model.quantization.dequantize_params)")
-    flat = {p: np.asarray(x) for p, x in traverse_util.flatten_dict(params).items()}
-    with staged_dir(path) as tmp:
-        hf.write(tmp, cfg, layout or _default_layout(cfg), lambda p, idx: flat[p][idx], dtype,
-                 slab_bytes=SLAB_BYTES, max_shard_bytes=max_shard_bytes)
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"checkpoints.{_LAZY[name]}"), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"checkpoints.{name}")
+    raise AttributeError(f"module 'checkpoints' has no attribute {name!r}")

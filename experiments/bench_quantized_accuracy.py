@@ -19,7 +19,6 @@ deviation over the seeds. Writes experiments/results/quantized_accuracy.{txt,jso
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -27,18 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import traverse_util
+from experiments import cli
 
-import checkpoints
-import model
-from model import kv_cache, quantization as Q, sampling
-from model.layers import INIT_STD
-
+# JAX is imported where used: --help and bad flags answer before it loads.
 PIECE = 64
-VARIANTS = [("fp32", None, None), *((r, r, None) for r in Q.RECIPES),
+RECIPES = ("int8", "int4_mixed", "fp8_mixed")  # model.quantization.RECIPES (held equal in tests)
+VARIANTS = [("fp32", None, None), *((r, r, None) for r in RECIPES),
             ("int8 cache", None, "int8"), ("fp8 cache", None, "fp8")]
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -46,6 +39,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def o1_params(cfg, seed=0):
     """Random params whose activations stay O(1): each matrix ~ 1/sqrt(fan in), embeddings ~ 1
     (init_params' 0.02 makes every layer nearly the identity, and quantization nearly free)."""
+    import jax
+    from flax import traverse_util
+
+    import model
+    from model import quantization as Q
+    from model.layers import INIT_STD
     params = traverse_util.flatten_dict(model.init_params(cfg, jax.random.key(seed)))
     for p, x in params.items():
         if p[-1] == "embedding":
@@ -58,6 +57,12 @@ def o1_params(cfg, seed=0):
 
 def logits_through_cache(cfg, params, ids) -> np.ndarray:
     """log-softmax [B, T, V] of ids [B, T], run in pieces of PIECE tokens through the cache."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import model
+    from model import kv_cache, sampling
     B, T = ids.shape
     rt = model.resolve(cfg, "prefill")
     cache, viewed = rt.view_cache(kv_cache.init_cache(cfg, B, T)), rt.view_params(params)
@@ -73,6 +78,7 @@ def logits_through_cache(cfg, params, ids) -> np.ndarray:
 
 def variants(cfg, params):
     """(name, cfg, params) of fp32 and each recipe and cache dtype."""
+    from model import quantization as Q
     for name, recipe, kv in VARIANTS:
         yield (name, cfg.replace(kv_dtype=kv),
                Q.quantize_params(cfg, params, recipe) if recipe else params)
@@ -80,6 +86,7 @@ def variants(cfg, params):
 
 def score_trained(cfg, params, rows, seeds: int, n_rows: int) -> dict:
     """{variant: [(bits per byte, agreement with fp32) per seed]} on held-out rows."""
+    import numpy as np
     out = {name: [] for name, *_ in VARIANTS}
     for seed in range(seeds):
         pick = np.random.default_rng(seed).choice(len(rows), n_rows, replace=False)
@@ -99,6 +106,7 @@ def score_trained(cfg, params, rows, seeds: int, n_rows: int) -> dict:
 
 def score_random(cfg, seeds: int, batch: int, length: int) -> dict:
     """{variant: [(KL(fp32 || variant) in bits per token, agreement) per seed]}."""
+    import numpy as np
     out = {name: [] for name, *_ in VARIANTS}
     for seed in range(seeds):
         params = o1_params(cfg, seed)
@@ -140,6 +148,7 @@ def table_random(scores: dict) -> list[str]:
 
 
 def random_config():
+    import model
     return model.tiny(vocab_size=512, hidden_size=512, intermediate_size=1024,
                       intermediate_size_mlp=1024, num_heads=8, num_kv_heads=2, head_dim=64,
                       num_layers=8, num_experts=8, moe_layers=(1, 3, 5, 7), nope_layers=(3, 7),
@@ -147,11 +156,17 @@ def random_config():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ckpt", default="runs/quickstart/model")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--rows", type=int, default=32, help="held-out rows per seed")
+    ap = cli.parser(__spec__.name, __doc__)
+    ap.add_argument("--ckpt", default="runs/quickstart/model",
+                    help="the quickstart's model (default: %(default)s)")
+    ap.add_argument("--seeds", type=int, default=3, help="(default: %(default)s)")
+    ap.add_argument("--rows", type=int, default=32, help="held-out rows per seed "
+                    "(default: %(default)s)")
     args = ap.parse_args(argv)
+    import jax
+
+    import checkpoints
+    import model
     import training
     from experiments.quickstart import SEQ, stdlib_files
     t0 = time.time()

@@ -8,20 +8,19 @@ value plus a scale in the compute dtype per head and position (Config.kv_dtype).
 """
 from __future__ import annotations
 
-import argparse
-
-import model
-from model import kv_cache
+from experiments import cli
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="scout")
+    ap = cli.parser(__spec__.name, __doc__)
+    ap.add_argument("--preset", default="scout", choices=cli.PRESETS)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--bytes", type=float, default=2, help="bytes per value (2: bf16)")
     ap.add_argument("--kv-dtype", choices=("int8", "fp8"), default=None,
                     help="an 8-bit cache (overrides --bytes)")
     args = ap.parse_args()
+    import model
+    from model import kv_cache
     cfg = model.preset(args.preset).replace(kv_dtype=args.kv_dtype)
     if args.kv_dtype:  # one byte and a compute-dtype scale per head_dim values
         args.bytes = kv_cache.cache_bytes(cfg, 1, 1) / kv_cache.cache_bytes(cfg, 1, 1, 1)

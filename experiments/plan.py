@@ -31,15 +31,16 @@ preallocates 75% by default).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+from experiments import cli
+
+# JAX is imported where used: --help and bad flags answer before it loads.
 
 DEVICES_GB = {"H100": 80, "H200": 141, "TPU v5p": 95}
 GB = 1e9
@@ -48,20 +49,14 @@ HEADROOM = 0.95  # a runtime keeps some memory for itself: "fits" leaves 5% of t
 
 def simulate_devices(n: int):
     """n CPU devices: set before JAX starts its backends (as when run with python -m)."""
-    try:
-        jax.config.update("jax_num_cpu_devices", n)
-    except Exception:  # backends already up (a test process): use what is there
-        pass
-    cpus = jax.devices("cpu")
-    if len(cpus) < n:
-        sys.exit(f"the mesh needs {n} devices but this process has {len(cpus)} CPU devices "
-                 "(JAX started before the planner could add more)")
-    return cpus[:n]
+    from sharding import simulate_cpu_devices
+    return simulate_cpu_devices(n)
 
 
 def _bytes_per_device(tree) -> int:
     """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard set);
     int4 values two to a byte, as XLA:GPU and TPU store them."""
+    import jax
     total = 0
     for x in jax.tree.leaves(tree):
         total += math.prod(x.sharding.shard_shape(x.shape)) * _itemsize(x.dtype)
@@ -69,6 +64,7 @@ def _bytes_per_device(tree) -> int:
 
 
 def _itemsize(dtype) -> float:
+    import jax.numpy as jnp
     return 0.5 if jnp.dtype(dtype) == jnp.int4 else jnp.dtype(dtype).itemsize
 
 
@@ -86,6 +82,8 @@ def abstract(tree, shardings):
     """ShapeDtypeStructs of `tree` carrying `shardings`; a quantized leaf (QArray) takes its
     weight's sharding for its qvalue and scale (sharding.rules.child_sharding) unless given
     one per child."""
+    import jax
+
     from model.quantization import is_quantized
     from sharding.rules import child_sharding
 
@@ -102,10 +100,12 @@ def abstract(tree, shardings):
 def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
          param_dtype: str | None = None, rules: str = "combined", prefill_chunk: int = 512,
          steps: int = 16, devices=None, quantize: str | None = None,
-         kv_dtype: str | None = None) -> dict:
+         kv_dtype: str | None = None, announce: bool = False) -> dict:
     """Per-device memory of prefill and decode (see the module docstring; `report` prints it).
     devices: the mesh's devices; default the first CPU devices it needs (`simulate_devices`).
-    quantize: a weight recipe (model/quantization.py); kv_dtype: an 8-bit KV cache."""
+    quantize: a weight recipe (model/quantization.py); kv_dtype: an 8-bit KV cache.
+    announce: say on stderr that the (long) compiles start."""
+    import jax
     import model
     import sharding
     from model import kv_cache, quantization, sampling
@@ -140,6 +140,9 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
     saved_params = _bytes_per_device(params) - out["params"]
     saved_cache = _bytes_per_device(cache) - out["cache"]
 
+    if announce:
+        print(f"compiling prefill and decode of {preset} on {mesh_spec} (a minute or more for "
+              "the full presets)...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     prefill = sampling.extend.lower(cfg, model.resolve(cfg, "prefill", p), params,
                                     tokens((batch, piece)), tokens((batch, piece)), cache).compile()
@@ -149,7 +152,8 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
                                  tokens((batch,)), cache, row(("batch",), (batch,), np.bool_), key)
     stop = jax.ShapeDtypeStruct((len(cfg.text.eos_token_ids),), np.int32)
     decode = sampling.decode.lower(cfg, model.resolve(cfg, "decode", p), params, state, stop, 0,
-                                   steps=steps, temperature=0.0, top_k=None, top_p=None).compile()
+                                   steps, steps=steps, temperature=0.0, top_k=None,
+                                   top_p=None).compile()
     t2 = time.perf_counter()
     out["compile_s"] = {"prefill": t1 - t0, "decode": t2 - t1}
     for name, c in (("prefill", prefill), ("decode", decode)):
@@ -160,7 +164,18 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
         out[name] = {"arguments": args, "outputs": outs, "aliased": alias, "temporaries": temp,
                      "total": args + outs - alias + temp}
     out["arithmetic"] = arithmetic(held_cfg, mesh, batch, context, piece, quantize)
+    out["checkpoint"] = checkpoint_bytes(preset, param_dtype or dtype)
     return out
+
+
+def checkpoint_bytes(preset: str, param_dtype: str) -> int:
+    """Bytes of the whole published checkpoint (vision tower included) in `param_dtype`: what a
+    load from an HF directory holds in host memory before placing anything (checkpoints.load)."""
+    import jax
+    import jax.numpy as jnp
+    import model
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes(model.preset(preset))))
+    return n * jnp.dtype(param_dtype).itemsize
 
 
 def arithmetic(cfg, mesh, batch: int, context: int, piece: int, quantize: str | None = None
@@ -170,6 +185,7 @@ def arithmetic(cfg, mesh, batch: int, context: int, piece: int, quantize: str | 
     or fp32 probabilities (the XLA attention path), over the devices that split the heads, for
     the keys scored at once: the whole cache and the piece, or one block of a cache longer than
     DENSE_MAX_LEN slots (model/kernels/attention.py)."""
+    import jax
     from flax import traverse_util
 
     from model import kv_cache, quantization
@@ -216,6 +232,10 @@ def report(r: dict) -> str:
     a = r["arithmetic"]
     lines.append(f"  arithmetic: params {_gb(a['params'])} + cache {_gb(a['cache'])} + prefill "
                  f"attention scores {_gb(a['scores'])} = {_gb(a['total'])}")
+    lines.append(f"  loading: from an HF directory the whole checkpoint is read into host memory "
+                 f"first, {_gb(r['checkpoint'])} GB in {r['param_dtype']} (vision tower "
+                 f"included); from Orbax (python -m checkpoints.convert) each device reads its "
+                 f"{_gb(r['params'])} GB of shards straight (sharding.load)")
     c = r["compile_s"]
     lines.append(f"  compiled in {c['prefill']:.0f} s (prefill) + {c['decode']:.0f} s (decode)")
     return "\n".join(lines)
@@ -300,6 +320,7 @@ def table(path: str, devices, batch: int):
                     f"| {_gb(r['params'])} | {_gb(r['cache'])} | {_gb(r['prefill']['total'])} "
                     f"| {_gb(r['decode']['total'])} | {_gb(r['arithmetic']['total'])} "
                     f"| {' | '.join(fit)} |")
+    import jax
     with open(path, "w") as f:
         f.write(f"""# Memory plan: per-device GB (1e9 bytes), batch 1, text decoder
 
@@ -333,31 +354,52 @@ simulated devices, about a minute); one row alone: `python -m experiments.plan -
 """ + head + "\n" + "\n".join(body) + "\n")
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="scout")
-    ap.add_argument("--mesh", default="tensor=8")
-    ap.add_argument("--dtype", default="bfloat16", help="compute dtype")
-    ap.add_argument("--param-dtype", default=None, help="weights' dtype (default: --dtype)")
-    ap.add_argument("--rules", default="combined")
-    ap.add_argument("--quantize", metavar="RECIPE", default=None,
-                    help="weights quantized by a recipe: int8, int4_mixed, fp8_mixed")
-    ap.add_argument("--kv-dtype", choices=("int8", "fp8"), default=None,
+def parse_args(argv=None):
+    ap = cli.parser(__spec__.name, __doc__)
+    ap.add_argument("--preset", default="scout", choices=cli.PRESETS,
+                    help="model preset (default: %(default)s)")
+    ap.add_argument("--mesh", default="tensor=8",
+                    help="mesh axes and sizes, e.g. expert=4,tensor=2; axes data, fsdp, expert, "
+                         "tensor (default: %(default)s)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="compute dtype (default: %(default)s)")
+    ap.add_argument("--param-dtype", choices=("bfloat16", "float32"),
+                    help="the weights' dtype (default: --dtype)")
+    ap.add_argument("--rules", default="combined", choices=cli.STRATEGIES,
+                    help="sharding strategy (default: %(default)s)")
+    ap.add_argument("--quantize", choices=("int8", "int4_mixed", "fp8_mixed"),
+                    help="weights quantized by a recipe of model/quantization.py")
+    ap.add_argument("--kv-dtype", choices=("int8", "fp8"),
                     help="an 8-bit KV cache (default: the compute dtype)")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--context", type=int, default=131072)
-    ap.add_argument("--prefill-chunk", type=int, default=512)
-    ap.add_argument("--table", metavar="PATH", help="plan the configurations of TABLE, write PATH")
-    args = ap.parse_args(argv)
-    from sharding.mesh import parse_mesh
-    n = 8 if args.table else math.prod(parse_mesh(args.mesh).values())
-    devices = simulate_devices(n)
-    if args.table:
-        return table(args.table, devices, args.batch)
-    print(report(plan(args.preset, args.mesh, args.dtype, args.batch, args.context,
-                      param_dtype=args.param_dtype, rules=args.rules,
-                      prefill_chunk=args.prefill_chunk, devices=devices,
-                      quantize=args.quantize, kv_dtype=args.kv_dtype)))
+    ap.add_argument("--batch", type=int, default=1, help="rows (default: %(default)s)")
+    ap.add_argument("--context", type=int, default=131072,
+                    help="KV-cache positions (default: %(default)s)")
+    ap.add_argument("--prefill-chunk", type=int, default=512,
+                    help="tokens per prefill piece (default: %(default)s)")
+    ap.add_argument("--table", metavar="PATH",
+                    help="plan the configurations of TABLE (8 devices) and write PATH")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    for flag in ("batch", "context", "prefill_chunk"):
+        if getattr(args, flag) < 1:
+            sys.exit(f"error: --{flag.replace('_', '-')} must be at least 1, got "
+                     f"{getattr(args, flag)}")
+    from model.config import ConfigError
+    from sharding import ShardingError, parse_mesh
+    try:
+        n = 8 if args.table else math.prod(parse_mesh(args.mesh).values())
+        devices = simulate_devices(n)
+        if args.table:
+            return table(args.table, devices, args.batch)
+        print(report(plan(args.preset, args.mesh, args.dtype, args.batch, args.context,
+                          param_dtype=args.param_dtype, rules=args.rules,
+                          prefill_chunk=args.prefill_chunk, devices=devices, announce=True,
+                          quantize=args.quantize, kv_dtype=args.kv_dtype)))
+    except (ShardingError, ConfigError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -120,6 +120,8 @@ def test_int4_is_meta_int4_row_quantize():
 
 
 def test_quantize_params_inverse_and_refusals(params):
+    from experiments import bench_quantized_accuracy
+    assert bench_quantized_accuracy.RECIPES == Q.RECIPES  # named there without importing JAX
     for recipe in Q.RECIPES:
         qp = Q.quantize_params(CFG, params, recipe)
         assert Q.recipe_of(CFG, qp) == recipe
