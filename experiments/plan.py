@@ -33,6 +33,9 @@ import jax
 import numpy as np
 
 DEVICES_GB = {"H100": 80, "H200": 141, "TPU v5p": 95}
+# dense bf16 peak per chip, TFLOP/s (no sparsity): H100 and H200 SXM 989, TPU v5p 459
+PEAK_TFLOPS = {"H100": 989, "H200": 989, "TPU v5p": 459}
+MFU = 0.4  # the utilisation prefill times are stated at: a good large-model figure on H100s
 GB = 1e9
 HEADROOM = 0.95  # a runtime keeps some memory for itself: "fits" leaves 5% of the chip free
 
@@ -86,12 +89,13 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
     if devices is None:
         devices = jax.devices("cpu")[:math.prod(sharding.parse_mesh(mesh_spec).values())]
     mesh = sharding.make_mesh(mesh_spec, devices)
-    p = sharding.make_plan(cfg, mesh, rules, batch=batch)
+    piece = min(prefill_chunk, context)
+    p = sharding.make_plan(cfg, mesh, rules, batch=batch, seq=piece)
+    p_decode = sharding.make_plan(cfg, mesh, rules, batch=batch, seq=1)
     params = abstract(model.param_shapes(cfg), sharding.param_shardings(cfg, mesh, rules))
     params = {k: params[k] for k in model.DECODER_KEYS}
     cache = jax.eval_shape(lambda: kv_cache.init_cache(cfg, batch, context))
     cache = abstract(cache, p.cache_shardings(cache))
-    piece = min(prefill_chunk, context)
     tokens = lambda shape: jax.ShapeDtypeStruct(  # noqa: E731
         shape, np.int32, sharding=p.sharding(("batch", "seq")[:len(shape)], shape))
     row = lambda logical, shape, dt: jax.ShapeDtypeStruct(  # noqa: E731
@@ -108,7 +112,7 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
     state = sampling.DecodeState(row(("batch", "vocab"), (batch, cfg.text.vocab_size), np.float32),
                                  tokens((batch,)), cache, row(("batch",), (batch,), np.bool_), key)
     stop = jax.ShapeDtypeStruct((len(cfg.text.eos_token_ids),), np.int32)
-    decode = sampling.decode.lower(cfg, model.resolve(cfg, "decode", p), params, state, stop, 0,
+    decode = sampling.decode.lower(cfg, model.resolve(cfg, "decode", p_decode), params, state, stop, 0,
                                    steps=steps, temperature=0.0, top_k=None, top_p=None).compile()
     t2 = time.perf_counter()
     out["compile_s"] = {"prefill": t1 - t0, "decode": t2 - t1}
@@ -119,6 +123,8 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
         out[name] = {"arguments": args, "outputs": outs, "aliased": alias, "temporaries": temp,
                      "total": args + outs - alias + temp}
     out["arithmetic"] = arithmetic(cfg, mesh, batch, context, piece)
+    out["prefill_flops"] = batch * prefill_flops(cfg, context)["total"]
+    out["prefill_s"] = batch * prefill_seconds(cfg, context, mesh.size, "H100", MFU)
     return out
 
 
@@ -144,11 +150,34 @@ def arithmetic(cfg, mesh, batch: int, context: int, piece: int) -> dict:
     # the norms are split over fsdp only, and they are a rounding error)
     params = (experts / (ep * tp * fsdp) + rest / (tp * fsdp)) * b
     kv_split = tp if t.num_kv_heads % tp == 0 else 1
-    cache = kv_cache.cache_bytes(cfg, batch, context, a) / kv_split
+    cache = kv_cache.cache_bytes(cfg, batch, context, a) / (kv_split * size["context"])
     keys = context + piece if context <= DENSE_MAX_LEN else max(BLOCK, piece)
     scores = batch * (t.num_heads // tp) * piece * keys * (4 + a)
     return {"params": params, "cache": cache, "scores": scores,
             "total": params + cache + scores}
+
+
+def prefill_flops(cfg, tokens: int) -> dict:
+    """Useful FLOPs of prefilling one prompt of `tokens` (forward only): 2 per active weight per
+    token for the matmuls (the embedding is a lookup; the LM head runs on each piece's last token
+    only, left out), plus causal attention, QK^T and PV, 4 * H FLOPs per head per (query, key):
+    a global layer's query sees on average T/2 keys, a chunked layer's C/2 (its chunk's causal
+    half). The XLA kernels also score the masked half of each global layer's cache blocks (up to
+    twice the global layers' useful work): the MFU below is of useful FLOPs, as MFU is."""
+    from model.config import param_count
+    t = cfg.text
+    matmul = 2 * (param_count(cfg)["text_active"] - 2 * t.vocab_size * t.hidden_size) * tokens
+    per_key = 4 * t.head_dim * t.num_heads
+    attention = 0
+    for spec in t.layer_specs:
+        seen = min(t.attention_chunk_size, tokens) if spec.chunked else tokens
+        attention += per_key * tokens * seen / 2
+    return {"matmul": matmul, "attention": attention, "total": matmul + attention}
+
+
+def prefill_seconds(cfg, tokens: int, chips: int, chip: str, mfu: float) -> float:
+    """Seconds to prefill `tokens` on `chips` chips at `mfu` of their dense bf16 peak."""
+    return prefill_flops(cfg, tokens)["total"] / (chips * PEAK_TFLOPS[chip] * 1e12 * mfu)
 
 
 def _gb(x) -> str:
@@ -169,9 +198,16 @@ def report(r: dict) -> str:
     a = r["arithmetic"]
     lines.append(f"  arithmetic: params {_gb(a['params'])} + cache {_gb(a['cache'])} + prefill "
                  f"attention scores {_gb(a['scores'])} = {_gb(a['total'])}")
+    lines.append(f"  prefill of the whole context: {r['prefill_flops']:.3g} FLOPs, "
+                 f"{_duration(r['prefill_s'])} at {MFU:.0%} MFU on H100s or H200s (dense bf16 "
+                 f"peak {PEAK_TFLOPS['H100']} TFLOP/s a chip)")
     c = r["compile_s"]
     lines.append(f"  compiled in {c['prefill']:.0f} s (prefill) + {c['decode']:.0f} s (decode)")
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _context(n: int) -> str:
@@ -209,6 +245,9 @@ TABLE = [  # (preset, mesh, dtype, context); fp8 weights are left out: XLA:CPU u
     ("scout", "tensor=8", "bfloat16", 8192),
     ("scout", "tensor=8", "bfloat16", 131072),
     ("scout", "tensor=8", "bfloat16", 1048576),
+    ("scout", "context=2,tensor=4", "bfloat16", 1048576),
+    ("scout", "tensor=8", "bfloat16", 10485760),
+    ("scout", "context=2,tensor=4", "bfloat16", 10485760),
     ("scout", "tensor=8", "float32", 131072),
     ("scout", "expert=8", "bfloat16", 131072),
     ("maverick", "tensor=8", "bfloat16", 8192),
@@ -225,7 +264,8 @@ def table(path: str, devices, batch: int):
         print(report(r), flush=True)
         rows.append(r)
     head = ("| model | mesh | dtype | context | params | KV cache | prefill total | decode total "
-            "| arithmetic | H100 80 | H200 141 | v5p 95 |\n" + "|---" * 12 + "|")
+            f"| arithmetic | H100 80 | H200 141 | v5p 95 | prefill at {MFU:.0%} MFU |\n"
+            + "|---" * 13 + "|")
     body = []
     for r in rows:
         peak = max(r["prefill"]["total"], r["decode"]["total"])
@@ -233,7 +273,7 @@ def table(path: str, devices, batch: int):
         body.append(f"| {r['preset']} | {r['mesh']} | {r['dtype']} | {r['context']} "
                     f"| {_gb(r['params'])} | {_gb(r['cache'])} | {_gb(r['prefill']['total'])} "
                     f"| {_gb(r['decode']['total'])} | {_gb(r['arithmetic']['total'])} "
-                    f"| {' | '.join(fit)} |")
+                    f"| {' | '.join(fit)} | {_duration(r['prefill_s'])} |")
     with open(path, "w") as f:
         f.write(f"""# Memory plan: per-device GB (1e9 bytes), batch 1, text decoder
 
