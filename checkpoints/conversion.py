@@ -1,10 +1,12 @@
-"""Checkpoint conversion between HF safetensors and Orbax directories, streaming.
+"""Checkpoint conversion between HF safetensors and Orbax directories (and from training runs to
+either), streaming.
 
 Both directions move one slab (at most ~SLAB_BYTES of one tensor) at a time, so peak memory does
 not grow with the checkpoint. Every check that can fail runs before the first byte is written,
 and the output appears at its destination only when complete (errors.staged_dir). An Orbax
 directory is checked against its integrity record before it is read (integrity.py), and NaN or
-inf values in an HF checkpoint are named in a warning.
+inf values in an HF checkpoint are named in a warning. The tokenizer and the other non-weight
+files go along (assets.py).
 """
 from __future__ import annotations
 
@@ -13,12 +15,12 @@ import collections
 import math
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from checkpoints import hf, integrity, orbax_io
+from checkpoints import assets, hf, integrity, orbax_io, runs, sources
 from checkpoints import keys as K
 from checkpoints.errors import CheckpointError, staged_dir
 from model.config import Config
@@ -61,12 +63,32 @@ def open_orbax(src: Path, verify: bool = True
     return cfg, layout, dtype, stores, meta
 
 
-def write_orbax(dst: Path, cfg: Config, layout: str, dtype, save: Callable[[Path], None]):
-    """A new Orbax directory `dst`: metadata, the parameters that `save(params_dir)` writes, then
-    the integrity record of what is on disk; it appears at `dst` only when complete."""
+def open_ours(src: Path, verify: bool = True
+              ) -> tuple[Config, str, np.dtype, orbax_io.Stores, Path]:
+    """(config, HF layout, stored dtype, every parameter opened unread, directory of the
+    non-weight files) of a source in our tree's form: an Orbax directory (checked against its
+    integrity record with `verify`) or a training run or one of its steps (text decoder only,
+    so the HF layout is Llama4ForCausalLM's)."""
+    if sources.kind(src) == "run":
+        step = runs.step_dir(src)
+        cfg = runs.read_config(step)
+        stores = runs.open_params(step, cfg)
+        return (cfg, K.default_layout(cfg), np.dtype(cfg.param_dtype), stores,
+                runs.run_dir(step))
+    cfg, layout, dtype, stores, _ = open_orbax(src, verify)
+    return cfg, layout, dtype, stores, src
+
+
+def write_orbax(dst: Path, cfg: Config, layout: str, dtype, save: Callable[[Path], None],
+                assets_from: Path | None = None):
+    """A new Orbax directory `dst`: metadata, the parameters that `save(params_dir)` writes, the
+    non-weight files of `assets_from`, then the integrity record of what is on disk; it appears
+    at `dst` only when complete."""
     with staged_dir(dst) as tmp:
         meta = orbax_io.write_meta(tmp, cfg, layout, dtype)
         save(tmp / orbax_io.PARAMS)
+        if assets_from is not None:
+            assets.copy(assets_from, tmp)
         integrity.write(tmp, meta, orbax_io.open_lazy(tmp / orbax_io.PARAMS))
 
 
@@ -93,16 +115,9 @@ def _bar(total: int, desc: str, progress: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not progress)
 
 
-def hf_to_orbax(src, dst, dtype=None, *, slab_bytes: int = SLAB_BYTES, progress: bool = True):
-    """HF directory `src` -> new Orbax directory `dst`, one slab in memory at a time."""
-    src, dst = Path(src), Path(dst)
-    ckpt = hf.HFCheckpoint(src)
-    hf_keys = K.hf_keys(ckpt.cfg, ckpt.layout)
-    ckpt.check(hf_keys)
-    dtype = np.dtype(dtype) if dtype is not None else ckpt.dtype()
-    total = sum(math.prod(k.hf_shape) * hf.DTYPES[ckpt.tensors[k.hf][1]].itemsize for k in hf_keys)
-    read = NonFinite(ckpt.read)
-
+def _filler(slabs: Iterator[tuple[K.Path, tuple, np.ndarray]], dtype, total: int, desc: str,
+            progress: bool) -> Callable[[orbax_io.Stores], Awaitable[None]]:
+    """The `fill` of orbax_io.save_streamed that writes these (leaf, index, data) slabs."""
     async def fill(stores: orbax_io.Stores):
         # Each commit syncs to disk: waiting for each in turn made small tensors crawl, and
         # letting all of them pile up would hold the checkpoint in memory. So commits overlap
@@ -110,8 +125,8 @@ def hf_to_orbax(src, dst, dtype=None, *, slab_bytes: int = SLAB_BYTES, progress:
         pending: collections.deque = collections.deque()
         held = 0
         try:
-            with _bar(total, f"{src.name} -> orbax", progress) as bar:
-                for path, idx, y in K.ours_slabs(hf_keys, read, slab_bytes):
+            with _bar(total, desc, progress) as bar:
+                for path, idx, y in slabs:
                     bar.update(y.nbytes)
                     y = y.astype(dtype, copy=False)
                     write = stores[path][idx].write(y)
@@ -127,29 +142,81 @@ def hf_to_orbax(src, dst, dtype=None, *, slab_bytes: int = SLAB_BYTES, progress:
         for result in done:
             if isinstance(result, BaseException):
                 raise result
+    return fill
 
+
+def hf_to_orbax(src, dst, dtype=None, *, slab_bytes: int = SLAB_BYTES, progress: bool = True):
+    """HF directory `src` -> new Orbax directory `dst`, one slab in memory at a time, with the
+    tokenizer and the other non-weight files."""
+    src, dst = Path(src), Path(dst)
+    ckpt = hf.HFCheckpoint(src)
+    hf_keys = K.hf_keys(ckpt.cfg, ckpt.layout)
+    ckpt.check(hf_keys)
+    dtype = np.dtype(dtype) if dtype is not None else ckpt.dtype()
+    total = sum(math.prod(k.hf_shape) * hf.DTYPES[ckpt.tensors[k.hf][1]].itemsize for k in hf_keys)
+    read = NonFinite(ckpt.read)
+    fill = _filler(K.ours_slabs(hf_keys, read, slab_bytes), dtype, total, f"{src.name} -> orbax",
+                   progress)
     write_orbax(dst, ckpt.cfg, ckpt.layout, dtype, lambda params: orbax_io.save_streamed(
-        params, leaf_specs(ckpt.cfg, hf_keys, dtype, slab_bytes), fill))
+        params, leaf_specs(ckpt.cfg, hf_keys, dtype, slab_bytes), fill), assets_from=src)
     read.warn(src)
 
 
-def orbax_to_hf(src, dst, dtype=None, *, slab_bytes: int = SLAB_BYTES,
-                max_shard_bytes: int = hf.MAX_SHARD_BYTES, progress: bool = True,
-                verify: bool = True):
-    """Orbax directory `src` -> new HF directory `dst`, in the key layout `src` came from.
-    `verify`: check `src` against its integrity record first."""
+def run_to_orbax(src, dst, dtype=None, *, slab_bytes: int = SLAB_BYTES, progress: bool = True):
+    """A training run (its latest step) or one step -> new Orbax directory `dst`, one slab in
+    memory at a time, with the run's tokenizer and other non-weight files."""
     src, dst = Path(src), Path(dst)
-    cfg, layout, stored, stores, _ = open_orbax(src, verify)
+    cfg, layout, stored, stores, asset_dir = open_ours(src)
     dtype = np.dtype(dtype) if dtype is not None else stored
-    total = sum(math.prod(s) for s in K.param_shapes(cfg).values()) * dtype.itemsize
+    hf_keys = K.hf_keys(cfg, layout)
+    total = sum(math.prod(s) for s in K.param_shapes(cfg).values()) * stored.itemsize
+    fill = _filler(K.leaf_slabs(hf_keys, _reader(src, stores), slab_bytes), dtype, total,
+                   f"{src.name} -> orbax", progress)
+    write_orbax(dst, cfg, layout, dtype, lambda params: orbax_io.save_streamed(
+        params, leaf_specs(cfg, hf_keys, dtype, slab_bytes), fill), assets_from=asset_dir)
 
+
+def _reader(src: Path, stores: orbax_io.Stores) -> Callable[[K.Path, tuple], np.ndarray]:
     def read(path: K.Path, idx: tuple) -> np.ndarray:
         try:
             return stores[path][idx].read().result()
         except ValueError as e:  # what TensorStore raises for missing or damaged chunks
             raise CheckpointError(f"{src}: cannot read {'/'.join(path)} "
                                   f"({orbax_io.reason(e)})") from None
+    return read
 
+
+def orbax_to_hf(src, dst, dtype=None, *, slab_bytes: int = SLAB_BYTES,
+                max_shard_bytes: int = hf.MAX_SHARD_BYTES, progress: bool = True,
+                verify: bool = True):
+    """Orbax directory (or training run, or one step of one) `src` -> new HF directory `dst`, in
+    the key layout `src` came from, with the tokenizer and the other non-weight files.
+    `verify`: check an Orbax `src` against its integrity record first."""
+    src, dst = Path(src), Path(dst)
+    cfg, layout, stored, stores, asset_dir = open_ours(src, verify)
+    dtype = np.dtype(dtype) if dtype is not None else stored
+    total = sum(math.prod(s) for s in K.param_shapes(cfg).values()) * dtype.itemsize
     with staged_dir(dst) as tmp, _bar(total, f"{src.name} -> hf", progress) as bar:
-        hf.write(tmp, cfg, layout, read, dtype, slab_bytes=slab_bytes,
+        hf.write(tmp, cfg, layout, _reader(src, stores), dtype, slab_bytes=slab_bytes,
                  max_shard_bytes=max_shard_bytes, progress=bar.update)
+        assets.copy(asset_dir, tmp)
+
+
+def convert(src, dst, to: str = "orbax", dtype=None, *,
+            max_shard_bytes: int = hf.MAX_SHARD_BYTES, verify: bool = True, progress: bool = True):
+    """`python -m checkpoints.convert`: an HF directory or a training run to Orbax (`to`
+    "orbax"), an Orbax directory or a training run to HF ("hf"). The other two directions are
+    one error saying which direction the source converts in."""
+    src = Path(src)
+    what = sources.kind(src)
+    if to == "orbax" and what == "orbax":
+        raise CheckpointError(f"{src} is an Orbax checkpoint already; to convert it to HF, pass "
+                              "--to hf")
+    if to == "hf" and what == "hf":
+        raise CheckpointError(f"{src} is an HF checkpoint already; it converts to Orbax without "
+                              "--to hf")
+    if to == "hf":
+        orbax_to_hf(src, dst, dtype, max_shard_bytes=max_shard_bytes, progress=progress,
+                    verify=verify)
+    else:
+        (hf_to_orbax if what == "hf" else run_to_orbax)(src, dst, dtype, progress=progress)

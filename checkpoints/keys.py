@@ -127,6 +127,11 @@ def detect_layout(names) -> str:
             else "causal_lm")
 
 
+def default_layout(cfg: Config) -> str:
+    """The layout HF uses for this kind of model (with a vision tower or without)."""
+    return "conditional_generation" if cfg.vision is not None else "causal_lm"
+
+
 def param_shapes(cfg: Config) -> dict[Path, Shape]:
     """Every leaf of our parameter tree and its shape, flat, in the order the model declares
     them (model.param_shapes: the modules' own declaration)."""
@@ -236,3 +241,13 @@ def hf_slabs(key: Key, read_ours: Callable[[Path, tuple], np.ndarray], slab_byte
     """The HF tensor of `key`, as consecutive slabs of rows (contiguous runs of its bytes)."""
     for _, idx, _ in key.slabs(slab_bytes):
         yield key.transform.to_hf(*(read_ours(path, idx) for path in key.ours))
+
+
+def leaf_slabs(keys: list[Key], read_ours: Callable[[Path, tuple], np.ndarray], slab_bytes: int
+               ) -> Iterator[tuple[Path, tuple, np.ndarray]]:
+    """(our leaf, index into it, data) as `ours_slabs` gives them, read from another copy of our
+    tree: a copy whose writes land on the same slabs as a conversion's."""
+    for key in keys:
+        for _, idx, _ in key.slabs(slab_bytes):
+            for path in key.ours:
+                yield path, idx, read_ours(path, idx)

@@ -173,14 +173,30 @@ def save(directory: Path, params: Any):
 
 
 def restore(directory: Path, shapes: dict[LeafPath, tuple[int, ...]], dtype,
-            shardings: dict[LeafPath, jax.sharding.Sharding]) -> dict:
-    """The parameter tree as jax.Arrays, each leaf read straight into its sharding."""
+            shardings: dict[LeafPath, jax.sharding.Sharding], under: LeafPath = (),
+            where: Path | None = None) -> dict:
+    """The parameter tree as jax.Arrays, each leaf read straight into its sharding. `under`:
+    the parameters are the subtree at these keys of a larger tree (a training run's state), and
+    only they are read. Missing or damaged data is one CheckpointError naming `where`."""
     directory = Path(directory).absolute()  # Orbax refuses relative paths
-    args = {p: ocp.ArrayRestoreArgs(restore_type=jax.Array, dtype=dtype, sharding=shardings[p],
-                                    global_shape=shape) for p, shape in shapes.items()}
-    with quiet_orbax(), ocp.Checkpointer(_handler()) as ckptr:
-        return ckptr.restore(directory, args=ocp.args.PyTreeRestore(
-            restore_args=traverse_util.unflatten_dict(args)))
+    args = {under + p: ocp.ArrayRestoreArgs(restore_type=jax.Array, dtype=dtype,
+                                            sharding=shardings[p], global_shape=shape)
+            for p, shape in shapes.items()}
+    item = {under + p: jax.ShapeDtypeStruct(shape, dtype) for p, shape in shapes.items()}
+    try:
+        with quiet_orbax(), ocp.Checkpointer(_handler()) as ckptr:
+            tree = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
+                item=traverse_util.unflatten_dict(item),
+                restore_args=traverse_util.unflatten_dict(args), partial_restore=bool(under)))
+    except Exception as e:  # noqa: BLE001 (Orbax wraps TensorStore's error in a bare Exception)
+        cause = read_error(e)
+        if cause is None:
+            raise
+        raise CheckpointError(f"{where or directory}: cannot read the parameters "
+                              f"({reason(cause)})") from None
+    for key in under:
+        tree = tree[key]
+    return tree
 
 
 def open_lazy(directory: Path) -> Stores:

@@ -1,6 +1,6 @@
 """Peak resident memory of `python -m checkpoints.convert` at two checkpoint sizes.
 
-    python experiments/bench_convert_memory.py [--layers 1 8 16] [--tmp DIR]
+    python -m experiments.bench_convert_memory [--layers 1 8 16] [--tmp DIR]
 
 Builds synthetic bf16 HF checkpoints (random weights, Scout-like layers with large widths, written
 in 256 MB safetensors shards one shard at a time), converts each HF -> Orbax and back with the
@@ -10,7 +10,6 @@ Writes experiments/results/convert_memory.txt; deletes its temporary checkpoints
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -22,29 +21,29 @@ import tempfile
 import time
 from pathlib import Path
 
-import ml_dtypes
-import numpy as np
-from safetensors.numpy import save_file
+from experiments import cli
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from checkpoints import keys  # noqa: E402
-from model.config import Config, TextConfig, every, to_hf  # noqa: E402
-
 SHARD_BYTES = 256 << 20
 
 
-def synthetic_config(layers: int) -> Config:
+def synthetic_config(layers: int):
     """~248 MB of bf16 per layer (8 experts of 2048 x 2048) plus 262 MB of embedding and head."""
+    from model.config import Config, TextConfig, every
     return Config(vision=None, text=TextConfig(
         vocab_size=32000, hidden_size=2048, num_layers=layers, num_heads=16, num_kv_heads=4,
         head_dim=128, intermediate_size=2048, intermediate_size_mlp=4096, num_experts=8,
         moe_layers=tuple(range(layers)), nope_layers=every(4, layers, 3), rope_scaling=None))
 
 
-def write_synthetic_hf(dst: Path, cfg: Config, seed: int = 0) -> int:
+def write_synthetic_hf(dst: Path, cfg, seed: int = 0) -> int:
     """An HF directory for `cfg`, one shard in memory at a time; returns its tensor bytes."""
+    import ml_dtypes
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from checkpoints import keys
+    from model.config import to_hf
     dst.mkdir()
     rng = np.random.default_rng(seed)
     shards, size = [[]], 0
@@ -97,7 +96,7 @@ def peak_rss(cmd: list[str]) -> tuple[int, float]:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.parser(__spec__.name, __doc__)
     p.add_argument("--layers", type=int, nargs="+", default=[1, 8, 16])
     p.add_argument("--tmp", type=Path, default=REPO / "experiments" / "results" / "tmp")
     args = p.parse_args()
@@ -119,7 +118,7 @@ def main():
     with contextlib.suppress(OSError):  # ours when empty; a shared --tmp is not
         args.tmp.rmdir()
     small, big = rows[0], rows[-1]
-    command = f"python experiments/bench_convert_memory.py {' '.join(sys.argv[1:])}".strip()
+    command = f"python -m experiments.bench_convert_memory {' '.join(sys.argv[1:])}".strip()
     how = ("max resident set size from /usr/bin/time (kernel high-water mark)"
            if Path("/usr/bin/time").exists() else "psutil polling every 20 ms")
     lines = [f"command: {command}",

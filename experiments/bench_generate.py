@@ -9,25 +9,24 @@ its prefill, and the difference to an N-token generate for its decode.
 """
 from __future__ import annotations
 
-import argparse
-
-import jax
-import numpy as np
-import torch
-
+from experiments import cli
 from experiments.bench_forward import bench_config
-from experiments.hf_reference import hf_text_model, params_from_hf
-from experiments.timing import timed
-from model import sampling
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = cli.parser(__spec__.name, __doc__)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    import jax
+    import numpy as np
+    import torch
+
+    from experiments.hf_reference import hf_text_model, params_from_hf
+    from experiments.timing import timed
+    from model import sampling
 
     hf = hf_text_model(bench_config(eos_token_id=None, pad_token_id=0), seed=0)
     cfg, params = params_from_hf(hf)

@@ -7,18 +7,17 @@ Chunked (RoPE) layers keep a ring buffer of attention_chunk_size positions; only
 """
 from __future__ import annotations
 
-import argparse
-
-import model
-from model import kv_cache
+from experiments import cli
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="scout")
+    ap = cli.parser(__spec__.name, __doc__)
+    ap.add_argument("--preset", default="scout", choices=cli.PRESETS)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--bytes", type=int, default=2, help="bytes per value (2: bf16)")
     args = ap.parse_args()
+    import model
+    from model import kv_cache
     cfg = model.preset(args.preset)
     every_layer_global = cfg.replace_text(attention_chunk_size=None)
     t = cfg.text

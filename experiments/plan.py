@@ -23,14 +23,16 @@ preallocates 75% by default).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import sys
 import time
 
-import jax
 import numpy as np
+
+from experiments import cli
+
+# JAX is imported where used: --help and bad flags answer before it loads.
 
 DEVICES_GB = {"H100": 80, "H200": 141, "TPU v5p": 95}
 # dense bf16 peak per chip, TFLOP/s (no sparsity): H100 and H200 SXM 989, TPU v5p 459
@@ -42,19 +44,13 @@ HEADROOM = 0.95  # a runtime keeps some memory for itself: "fits" leaves 5% of t
 
 def simulate_devices(n: int):
     """n CPU devices: set before JAX starts its backends (as when run with python -m)."""
-    try:
-        jax.config.update("jax_num_cpu_devices", n)
-    except Exception:  # backends already up (a test process): use what is there
-        pass
-    cpus = jax.devices("cpu")
-    if len(cpus) < n:
-        sys.exit(f"the mesh needs {n} devices but this process has {len(cpus)} CPU devices "
-                 "(JAX started before the planner could add more)")
-    return cpus[:n]
+    from sharding import simulate_cpu_devices
+    return simulate_cpu_devices(n)
 
 
 def _bytes_per_device(tree) -> int:
     """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard set)."""
+    import jax
     total = 0
     for x in jax.tree.leaves(tree):
         total += math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
@@ -72,15 +68,18 @@ def float16_stand_in(cfg, dtype: str, param_dtype: str):
 
 
 def abstract(tree, shardings):
+    import jax
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         tree, shardings)
 
 
 def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
          param_dtype: str | None = None, rules: str = "combined", prefill_chunk: int = 512,
-         steps: int = 16, devices=None) -> dict:
+         steps: int = 16, devices=None, announce: bool = False) -> dict:
     """Per-device memory of prefill and decode (see the module docstring; `report` prints it).
-    devices: the mesh's devices; default the first CPU devices it needs (`simulate_devices`)."""
+    devices: the mesh's devices; default the first CPU devices it needs (`simulate_devices`).
+    announce: say on stderr that the (long) compiles start."""
+    import jax
     import model
     import sharding
     from model import kv_cache, sampling
@@ -104,6 +103,9 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
            "param_dtype": param_dtype or dtype, "batch": batch, "context": context,
            "params": _bytes_per_device(params), "cache": _bytes_per_device(cache)}
 
+    if announce:
+        print(f"compiling prefill and decode of {preset} on {mesh_spec} (a minute or more for "
+              "the full presets)...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     prefill = sampling.extend.lower(cfg, model.resolve(cfg, "prefill", p), params,
                                     tokens((batch, piece)), tokens((batch, piece)), cache).compile()
@@ -112,8 +114,9 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
     state = sampling.DecodeState(row(("batch", "vocab"), (batch, cfg.text.vocab_size), np.float32),
                                  tokens((batch,)), cache, row(("batch",), (batch,), np.bool_), key)
     stop = jax.ShapeDtypeStruct((len(cfg.text.eos_token_ids),), np.int32)
-    decode = sampling.decode.lower(cfg, model.resolve(cfg, "decode", p_decode), params, state, stop, 0,
-                                   steps=steps, temperature=0.0, top_k=None, top_p=None).compile()
+    decode = sampling.decode.lower(cfg, model.resolve(cfg, "decode", p_decode), params, state, stop,
+                                   0, steps, steps=steps, temperature=0.0, top_k=None,
+                                   top_p=None).compile()
     t2 = time.perf_counter()
     out["compile_s"] = {"prefill": t1 - t0, "decode": t2 - t1}
     for name, c in (("prefill", prefill), ("decode", decode)):
@@ -125,7 +128,18 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
     out["arithmetic"] = arithmetic(cfg, mesh, batch, context, piece)
     out["prefill_flops"] = batch * prefill_flops(cfg, context)["total"]
     out["prefill_s"] = batch * prefill_seconds(cfg, context, mesh.size, "H100", MFU)
+    out["checkpoint"] = checkpoint_bytes(preset, param_dtype or dtype)
     return out
+
+
+def checkpoint_bytes(preset: str, param_dtype: str) -> int:
+    """Bytes of the whole published checkpoint (vision tower included) in `param_dtype`: what a
+    load from an HF directory holds in host memory before placing anything (checkpoints.load)."""
+    import jax
+    import jax.numpy as jnp
+    import model
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes(model.preset(preset))))
+    return n * jnp.dtype(param_dtype).itemsize
 
 
 def arithmetic(cfg, mesh, batch: int, context: int, piece: int) -> dict:
@@ -198,6 +212,10 @@ def report(r: dict) -> str:
     a = r["arithmetic"]
     lines.append(f"  arithmetic: params {_gb(a['params'])} + cache {_gb(a['cache'])} + prefill "
                  f"attention scores {_gb(a['scores'])} = {_gb(a['total'])}")
+    lines.append(f"  loading: from an HF directory the whole checkpoint is read into host memory "
+                 f"first, {_gb(r['checkpoint'])} GB in {r['param_dtype']} (vision tower "
+                 f"included); from Orbax (python -m checkpoints.convert) each device reads its "
+                 f"{_gb(r['params'])} GB of shards straight (sharding.load)")
     lines.append(f"  prefill of the whole context: {r['prefill_flops']:.3g} FLOPs, "
                  f"{_duration(r['prefill_s'])} at {MFU:.0%} MFU on H100s or H200s (dense bf16 "
                  f"peak {PEAK_TFLOPS['H100']} TFLOP/s a chip)")
@@ -274,6 +292,7 @@ def table(path: str, devices, batch: int):
                     f"| {_gb(r['params'])} | {_gb(r['cache'])} | {_gb(r['prefill']['total'])} "
                     f"| {_gb(r['decode']['total'])} | {_gb(r['arithmetic']['total'])} "
                     f"| {' | '.join(fit)} | {_duration(r['prefill_s'])} |")
+    import jax
     with open(path, "w") as f:
         f.write(f"""# Memory plan: per-device GB (1e9 bytes), batch 1, text decoder
 
@@ -302,26 +321,47 @@ simulated devices, about a minute); one row alone: `python -m experiments.plan -
 """ + head + "\n" + "\n".join(body) + "\n")
 
 
+def parse_args(argv=None):
+    ap = cli.parser(__spec__.name, __doc__)
+    ap.add_argument("--preset", default="scout", choices=cli.PRESETS,
+                    help="model preset (default: %(default)s)")
+    ap.add_argument("--mesh", default="tensor=8",
+                    help="mesh axes and sizes, e.g. expert=4,tensor=2; axes data, fsdp, expert, "
+                         "tensor (default: %(default)s)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="compute dtype (default: %(default)s)")
+    ap.add_argument("--param-dtype", choices=("bfloat16", "float32"),
+                    help="the weights' dtype (default: --dtype)")
+    ap.add_argument("--rules", default="combined", choices=cli.STRATEGIES,
+                    help="sharding strategy (default: %(default)s)")
+    ap.add_argument("--batch", type=int, default=1, help="rows (default: %(default)s)")
+    ap.add_argument("--context", type=int, default=131072,
+                    help="KV-cache positions (default: %(default)s)")
+    ap.add_argument("--prefill-chunk", type=int, default=512,
+                    help="tokens per prefill piece (default: %(default)s)")
+    ap.add_argument("--table", metavar="PATH",
+                    help="plan the configurations of TABLE (8 devices) and write PATH")
+    return ap.parse_args(argv)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="scout")
-    ap.add_argument("--mesh", default="tensor=8")
-    ap.add_argument("--dtype", default="bfloat16", help="compute dtype")
-    ap.add_argument("--param-dtype", default=None, help="weights' dtype (default: --dtype)")
-    ap.add_argument("--rules", default="combined")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--context", type=int, default=131072)
-    ap.add_argument("--prefill-chunk", type=int, default=512)
-    ap.add_argument("--table", metavar="PATH", help="plan the configurations of TABLE, write PATH")
-    args = ap.parse_args(argv)
-    from sharding.mesh import parse_mesh
-    n = 8 if args.table else math.prod(parse_mesh(args.mesh).values())
-    devices = simulate_devices(n)
-    if args.table:
-        return table(args.table, devices, args.batch)
-    print(report(plan(args.preset, args.mesh, args.dtype, args.batch, args.context,
-                      param_dtype=args.param_dtype, rules=args.rules,
-                      prefill_chunk=args.prefill_chunk, devices=devices)))
+    args = parse_args(argv)
+    for flag in ("batch", "context", "prefill_chunk"):
+        if getattr(args, flag) < 1:
+            sys.exit(f"error: --{flag.replace('_', '-')} must be at least 1, got "
+                     f"{getattr(args, flag)}")
+    from model.config import ConfigError
+    from sharding import ShardingError, parse_mesh
+    try:
+        n = 8 if args.table else math.prod(parse_mesh(args.mesh).values())
+        devices = simulate_devices(n)
+        if args.table:
+            return table(args.table, devices, args.batch)
+        print(report(plan(args.preset, args.mesh, args.dtype, args.batch, args.context,
+                          param_dtype=args.param_dtype, rules=args.rules,
+                          prefill_chunk=args.prefill_chunk, devices=devices, announce=True)))
+    except (ShardingError, ConfigError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

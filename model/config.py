@@ -189,7 +189,8 @@ def every(step: int, num_layers: int, offset: int) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets. scout/maverick are the published values (LLAMA4.md section 1); behemoth is a shape.
+# Presets. scout/maverick are the published values (docs/architecture.md, section 1); behemoth
+# is a shape.
 
 SCOUT = Config()
 
