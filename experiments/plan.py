@@ -225,6 +225,8 @@ def report(r: dict) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
@@ -259,6 +261,7 @@ def figure(results: list[dict]):
     return fig
 
 
+TABLE_DEVICES = 16  # the largest mesh of TABLE
 TABLE = [  # (preset, mesh, dtype, context); fp8 weights are left out: XLA:CPU upcasts them
     ("scout", "tensor=8", "bfloat16", 8192),
     ("scout", "tensor=8", "bfloat16", 131072),
@@ -266,6 +269,7 @@ TABLE = [  # (preset, mesh, dtype, context); fp8 weights are left out: XLA:CPU u
     ("scout", "context=2,tensor=4", "bfloat16", 1048576),
     ("scout", "tensor=8", "bfloat16", 10485760),
     ("scout", "context=2,tensor=4", "bfloat16", 10485760),
+    ("scout", "context=2,tensor=8", "bfloat16", 10485760),   # 16 chips: two 8-GPU hosts
     ("scout", "tensor=8", "float32", 131072),
     ("scout", "expert=8", "bfloat16", 131072),
     ("maverick", "tensor=8", "bfloat16", 8192),
@@ -277,8 +281,10 @@ TABLE = [  # (preset, mesh, dtype, context); fp8 weights are left out: XLA:CPU u
 
 def table(path: str, devices, batch: int):
     rows = []
+    from sharding import parse_mesh
     for preset, mesh, dtype, ctx in TABLE:
-        r = plan(preset, mesh, dtype, batch, ctx, devices=devices)
+        n = math.prod(parse_mesh(mesh).values())
+        r = plan(preset, mesh, dtype, batch, ctx, devices=devices[:n])
         print(report(r), flush=True)
         rows.append(r)
     head = ("| model | mesh | dtype | context | params | KV cache | prefill total | decode total "
@@ -296,9 +302,9 @@ def table(path: str, devices, batch: int):
     with open(path, "w") as f:
         f.write(f"""# Memory plan: per-device GB (1e9 bytes), batch 1, text decoder
 
-Made by `python -m experiments.plan --table {path}` (jax {jax.__version__}, XLA:CPU with 8
-simulated devices, about a minute); one row alone: `python -m experiments.plan --preset scout
---mesh tensor=8 --dtype bfloat16 --batch 1 --context 1048576`.
+Made by `python -m experiments.plan --table {path}` (jax {jax.__version__}, XLA:CPU with
+{TABLE_DEVICES} simulated devices, about ten minutes); one row alone: `python -m experiments.plan
+--preset scout --mesh tensor=8 --dtype bfloat16 --batch 1 --context 1048576`.
 
 - params, KV cache: shard sizes (exact). prefill / decode total: arguments + outputs - aliased
   (donated cache) + temporaries of the compiled programs (prefill: one 512-token piece at the end
@@ -315,6 +321,18 @@ simulated devices, about a minute); one row alone: `python -m experiments.plan -
 - bfloat16 is compiled as float16 (same bytes): XLA:CPU rewrites bf16 (and fp8) arithmetic in
   f32 and hoists f32 copies of whole stacked weights out of the layer loop, which measures
   XLA:CPU, not the model. Temporaries are XLA:CPU's; GPU and TPU compilers fuse differently.
+- prefill at {MFU:.0%} MFU: the useful FLOPs of a prompt filling the whole context (matmuls of
+  the active weights, causal attention; `prefill_flops`) over the mesh's chips at {MFU:.0%} of a
+  dense bf16 peak of {PEAK_TFLOPS["H100"]} TFLOP/s a chip (H100 and H200 alike); the XLA kernels
+  also score the masked half of the global layers' cache blocks, up to twice their useful work.
+- Long context: Scout has 8 KV heads, so tensor=8 already splits the cache 8 ways; the context
+  axis splits it further, by positions. On one 8-chip host context=2,tensor=4 holds the same
+  cache per chip and twice the weights (worse than tensor=8); it pays past 8 chips:
+  context=2,tensor=8 on two hosts halves the cache per chip. The 10M rows are bf16 weights and
+  cache: an 8-bit cache would halve the KV cache column, 8-bit weights the params column.
+- Meshes run the stacked layout, whose prefill temporaries on XLA:CPU hold about two of one
+  block's global-layer buffers (what the layer scan reads, copied to be written after it: about
+  5 GB per chip at 10M on tensor=8); the split layouts of one CPU device make no such copy.
 - expert=8 alone replicates attention, the shared experts, Maverick's dense layers and the vocab
   on every device, hence its larger params; combine it with tensor (or fsdp) for big models.
 
@@ -340,7 +358,7 @@ def parse_args(argv=None):
     ap.add_argument("--prefill-chunk", type=int, default=512,
                     help="tokens per prefill piece (default: %(default)s)")
     ap.add_argument("--table", metavar="PATH",
-                    help="plan the configurations of TABLE (8 devices) and write PATH")
+                    help="plan the configurations of TABLE (16 devices) and write PATH")
     return ap.parse_args(argv)
 
 
@@ -353,7 +371,7 @@ def main(argv=None):
     from model.config import ConfigError
     from sharding import ShardingError, parse_mesh
     try:
-        n = 8 if args.table else math.prod(parse_mesh(args.mesh).values())
+        n = TABLE_DEVICES if args.table else math.prod(parse_mesh(args.mesh).values())
         devices = simulate_devices(n)
         if args.table:
             return table(args.table, devices, args.batch)
