@@ -35,6 +35,9 @@ from experiments import cli
 # JAX is imported where used: --help and bad flags answer before it loads.
 
 DEVICES_GB = {"H100": 80, "H200": 141, "TPU v5p": 95}
+# dense bf16 peak per chip, TFLOP/s (no sparsity): H100 and H200 SXM 989, TPU v5p 459
+PEAK_TFLOPS = {"H100": 989, "H200": 989, "TPU v5p": 459}
+MFU = 0.4  # the utilisation prefill times are stated at: a good large-model figure on H100s
 GB = 1e9
 HEADROOM = 0.95  # a runtime keeps some memory for itself: "fits" leaves 5% of the chip free
 
@@ -85,12 +88,13 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
     if devices is None:
         devices = jax.devices("cpu")[:math.prod(sharding.parse_mesh(mesh_spec).values())]
     mesh = sharding.make_mesh(mesh_spec, devices)
-    p = sharding.make_plan(cfg, mesh, rules, batch=batch)
+    piece = min(prefill_chunk, context)
+    p = sharding.make_plan(cfg, mesh, rules, batch=batch, seq=piece)
+    p_decode = sharding.make_plan(cfg, mesh, rules, batch=batch, seq=1)
     params = abstract(model.param_shapes(cfg), sharding.param_shardings(cfg, mesh, rules))
     params = {k: params[k] for k in model.DECODER_KEYS}
     cache = jax.eval_shape(lambda: kv_cache.init_cache(cfg, batch, context))
     cache = abstract(cache, p.cache_shardings(cache))
-    piece = min(prefill_chunk, context)
     tokens = lambda shape: jax.ShapeDtypeStruct(  # noqa: E731
         shape, np.int32, sharding=p.sharding(("batch", "seq")[:len(shape)], shape))
     row = lambda logical, shape, dt: jax.ShapeDtypeStruct(  # noqa: E731
@@ -110,8 +114,8 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
     state = sampling.DecodeState(row(("batch", "vocab"), (batch, cfg.text.vocab_size), np.float32),
                                  tokens((batch,)), cache, row(("batch",), (batch,), np.bool_), key)
     stop = jax.ShapeDtypeStruct((len(cfg.text.eos_token_ids),), np.int32)
-    decode = sampling.decode.lower(cfg, model.resolve(cfg, "decode", p), params, state, stop, 0,
-                                   steps, steps=steps, temperature=0.0, top_k=None,
+    decode = sampling.decode.lower(cfg, model.resolve(cfg, "decode", p_decode), params, state, stop,
+                                   0, steps, steps=steps, temperature=0.0, top_k=None,
                                    top_p=None).compile()
     t2 = time.perf_counter()
     out["compile_s"] = {"prefill": t1 - t0, "decode": t2 - t1}
@@ -122,6 +126,8 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
         out[name] = {"arguments": args, "outputs": outs, "aliased": alias, "temporaries": temp,
                      "total": args + outs - alias + temp}
     out["arithmetic"] = arithmetic(cfg, mesh, batch, context, piece)
+    out["prefill_flops"] = batch * prefill_flops(cfg, context)["total"]
+    out["prefill_s"] = batch * prefill_seconds(cfg, context, mesh.size, "H100", MFU)
     out["checkpoint"] = checkpoint_bytes(preset, param_dtype or dtype)
     return out
 
@@ -158,11 +164,34 @@ def arithmetic(cfg, mesh, batch: int, context: int, piece: int) -> dict:
     # the norms are split over fsdp only, and they are a rounding error)
     params = (experts / (ep * tp * fsdp) + rest / (tp * fsdp)) * b
     kv_split = tp if t.num_kv_heads % tp == 0 else 1
-    cache = kv_cache.cache_bytes(cfg, batch, context, a) / kv_split
+    cache = kv_cache.cache_bytes(cfg, batch, context, a) / (kv_split * size["context"])
     keys = context + piece if context <= DENSE_MAX_LEN else max(BLOCK, piece)
     scores = batch * (t.num_heads // tp) * piece * keys * (4 + a)
     return {"params": params, "cache": cache, "scores": scores,
             "total": params + cache + scores}
+
+
+def prefill_flops(cfg, tokens: int) -> dict:
+    """Useful FLOPs of prefilling one prompt of `tokens` (forward only): 2 per active weight per
+    token for the matmuls (the embedding is a lookup; the LM head runs on each piece's last token
+    only, left out), plus causal attention, QK^T and PV, 4 * H FLOPs per head per (query, key):
+    a global layer's query sees on average T/2 keys, a chunked layer's C/2 (its chunk's causal
+    half). The XLA kernels also score the masked half of each global layer's cache blocks (up to
+    twice the global layers' useful work): the MFU below is of useful FLOPs, as MFU is."""
+    from model.config import param_count
+    t = cfg.text
+    matmul = 2 * (param_count(cfg)["text_active"] - 2 * t.vocab_size * t.hidden_size) * tokens
+    per_key = 4 * t.head_dim * t.num_heads
+    attention = 0
+    for spec in t.layer_specs:
+        seen = min(t.attention_chunk_size, tokens) if spec.chunked else tokens
+        attention += per_key * tokens * seen / 2
+    return {"matmul": matmul, "attention": attention, "total": matmul + attention}
+
+
+def prefill_seconds(cfg, tokens: int, chips: int, chip: str, mfu: float) -> float:
+    """Seconds to prefill `tokens` on `chips` chips at `mfu` of their dense bf16 peak."""
+    return prefill_flops(cfg, tokens)["total"] / (chips * PEAK_TFLOPS[chip] * 1e12 * mfu)
 
 
 def _gb(x) -> str:
@@ -187,9 +216,18 @@ def report(r: dict) -> str:
                  f"first, {_gb(r['checkpoint'])} GB in {r['param_dtype']} (vision tower "
                  f"included); from Orbax (python -m checkpoints.convert) each device reads its "
                  f"{_gb(r['params'])} GB of shards straight (sharding.load)")
+    lines.append(f"  prefill of the whole context: {r['prefill_flops']:.3g} FLOPs, "
+                 f"{_duration(r['prefill_s'])} at {MFU:.0%} MFU on H100s or H200s (dense bf16 "
+                 f"peak {PEAK_TFLOPS['H100']} TFLOP/s a chip)")
     c = r["compile_s"]
     lines.append(f"  compiled in {c['prefill']:.0f} s (prefill) + {c['decode']:.0f} s (decode)")
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _context(n: int) -> str:
@@ -223,10 +261,15 @@ def figure(results: list[dict]):
     return fig
 
 
+TABLE_DEVICES = 16  # the largest mesh of TABLE
 TABLE = [  # (preset, mesh, dtype, context); fp8 weights are left out: XLA:CPU upcasts them
     ("scout", "tensor=8", "bfloat16", 8192),
     ("scout", "tensor=8", "bfloat16", 131072),
     ("scout", "tensor=8", "bfloat16", 1048576),
+    ("scout", "context=2,tensor=4", "bfloat16", 1048576),
+    ("scout", "tensor=8", "bfloat16", 10485760),
+    ("scout", "context=2,tensor=4", "bfloat16", 10485760),
+    ("scout", "context=2,tensor=8", "bfloat16", 10485760),   # 16 chips: two 8-GPU hosts
     ("scout", "tensor=8", "float32", 131072),
     ("scout", "expert=8", "bfloat16", 131072),
     ("maverick", "tensor=8", "bfloat16", 8192),
@@ -238,12 +281,15 @@ TABLE = [  # (preset, mesh, dtype, context); fp8 weights are left out: XLA:CPU u
 
 def table(path: str, devices, batch: int):
     rows = []
+    from sharding import parse_mesh
     for preset, mesh, dtype, ctx in TABLE:
-        r = plan(preset, mesh, dtype, batch, ctx, devices=devices)
+        n = math.prod(parse_mesh(mesh).values())
+        r = plan(preset, mesh, dtype, batch, ctx, devices=devices[:n])
         print(report(r), flush=True)
         rows.append(r)
     head = ("| model | mesh | dtype | context | params | KV cache | prefill total | decode total "
-            "| arithmetic | H100 80 | H200 141 | v5p 95 |\n" + "|---" * 12 + "|")
+            f"| arithmetic | H100 80 | H200 141 | v5p 95 | prefill at {MFU:.0%} MFU |\n"
+            + "|---" * 13 + "|")
     body = []
     for r in rows:
         peak = max(r["prefill"]["total"], r["decode"]["total"])
@@ -251,14 +297,14 @@ def table(path: str, devices, batch: int):
         body.append(f"| {r['preset']} | {r['mesh']} | {r['dtype']} | {r['context']} "
                     f"| {_gb(r['params'])} | {_gb(r['cache'])} | {_gb(r['prefill']['total'])} "
                     f"| {_gb(r['decode']['total'])} | {_gb(r['arithmetic']['total'])} "
-                    f"| {' | '.join(fit)} |")
+                    f"| {' | '.join(fit)} | {_duration(r['prefill_s'])} |")
     import jax
     with open(path, "w") as f:
         f.write(f"""# Memory plan: per-device GB (1e9 bytes), batch 1, text decoder
 
-Made by `python -m experiments.plan --table {path}` (jax {jax.__version__}, XLA:CPU with 8
-simulated devices, about a minute); one row alone: `python -m experiments.plan --preset scout
---mesh tensor=8 --dtype bfloat16 --batch 1 --context 1048576`.
+Made by `python -m experiments.plan --table {path}` (jax {jax.__version__}, XLA:CPU with
+{TABLE_DEVICES} simulated devices, about ten minutes); one row alone: `python -m experiments.plan
+--preset scout --mesh tensor=8 --dtype bfloat16 --batch 1 --context 1048576`.
 
 - params, KV cache: shard sizes (exact). prefill / decode total: arguments + outputs - aliased
   (donated cache) + temporaries of the compiled programs (prefill: one 512-token piece at the end
@@ -275,6 +321,18 @@ simulated devices, about a minute); one row alone: `python -m experiments.plan -
 - bfloat16 is compiled as float16 (same bytes): XLA:CPU rewrites bf16 (and fp8) arithmetic in
   f32 and hoists f32 copies of whole stacked weights out of the layer loop, which measures
   XLA:CPU, not the model. Temporaries are XLA:CPU's; GPU and TPU compilers fuse differently.
+- prefill at {MFU:.0%} MFU: the useful FLOPs of a prompt filling the whole context (matmuls of
+  the active weights, causal attention; `prefill_flops`) over the mesh's chips at {MFU:.0%} of a
+  dense bf16 peak of {PEAK_TFLOPS["H100"]} TFLOP/s a chip (H100 and H200 alike); the XLA kernels
+  also score the masked half of the global layers' cache blocks, up to twice their useful work.
+- Long context: Scout has 8 KV heads, so tensor=8 already splits the cache 8 ways; the context
+  axis splits it further, by positions. On one 8-chip host context=2,tensor=4 holds the same
+  cache per chip and twice the weights (worse than tensor=8); it pays past 8 chips:
+  context=2,tensor=8 on two hosts halves the cache per chip. The 10M rows are bf16 weights and
+  cache: an 8-bit cache would halve the KV cache column, 8-bit weights the params column.
+- Meshes run the stacked layout, whose prefill temporaries on XLA:CPU hold about two of one
+  block's global-layer buffers (what the layer scan reads, copied to be written after it: about
+  5 GB per chip at 10M on tensor=8); the split layouts of one CPU device make no such copy.
 - expert=8 alone replicates attention, the shared experts, Maverick's dense layers and the vocab
   on every device, hence its larger params; combine it with tensor (or fsdp) for big models.
 
@@ -300,7 +358,7 @@ def parse_args(argv=None):
     ap.add_argument("--prefill-chunk", type=int, default=512,
                     help="tokens per prefill piece (default: %(default)s)")
     ap.add_argument("--table", metavar="PATH",
-                    help="plan the configurations of TABLE (8 devices) and write PATH")
+                    help="plan the configurations of TABLE (16 devices) and write PATH")
     return ap.parse_args(argv)
 
 
@@ -313,7 +371,7 @@ def main(argv=None):
     from model.config import ConfigError
     from sharding import ShardingError, parse_mesh
     try:
-        n = 8 if args.table else math.prod(parse_mesh(args.mesh).values())
+        n = TABLE_DEVICES if args.table else math.prod(parse_mesh(args.mesh).values())
         devices = simulate_devices(n)
         if args.table:
             return table(args.table, devices, args.batch)
