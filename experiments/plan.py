@@ -43,6 +43,9 @@ from experiments import cli
 # JAX is imported where used: --help and bad flags answer before it loads.
 
 DEVICES_GB = {"H100": 80, "H200": 141, "TPU v5p": 95}
+# dense bf16 peak per chip, TFLOP/s (no sparsity): H100 and H200 SXM 989, TPU v5p 459
+PEAK_TFLOPS = {"H100": 989, "H200": 989, "TPU v5p": 459}
+MFU = 0.4  # the utilisation prefill times are stated at: a good large-model figure on H100s
 GB = 1e9
 HEADROOM = 0.95  # a runtime keeps some memory for itself: "fits" leaves 5% of the chip free
 
@@ -117,7 +120,9 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
     if devices is None:
         devices = jax.devices("cpu")[:math.prod(sharding.parse_mesh(mesh_spec).values())]
     mesh = sharding.make_mesh(mesh_spec, devices)
-    p = sharding.make_plan(cfg, mesh, rules, batch=batch)
+    piece = min(prefill_chunk, context)
+    p = sharding.make_plan(cfg, mesh, rules, batch=batch, seq=piece)
+    p_decode = sharding.make_plan(cfg, mesh, rules, batch=batch, seq=1)
     shardings = sharding.param_shardings(cfg, mesh, rules)
 
     def decoder(tree):
@@ -126,7 +131,6 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
     held = decoder(abstract(quantization.quantized_shapes(cfg, quantize), shardings))
     cache, held_cache = (abstract(c, p.cache_shardings(c)) for c in (
         jax.eval_shape(lambda c=c: kv_cache.init_cache(c, batch, context)) for c in (cfg, held_cfg)))
-    piece = min(prefill_chunk, context)
     tokens = lambda shape: jax.ShapeDtypeStruct(  # noqa: E731
         shape, np.int32, sharding=p.sharding(("batch", "seq")[:len(shape)], shape))
     row = lambda logical, shape, dt: jax.ShapeDtypeStruct(  # noqa: E731
@@ -151,8 +155,8 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
     state = sampling.DecodeState(row(("batch", "vocab"), (batch, cfg.text.vocab_size), np.float32),
                                  tokens((batch,)), cache, row(("batch",), (batch,), np.bool_), key)
     stop = jax.ShapeDtypeStruct((len(cfg.text.eos_token_ids),), np.int32)
-    decode = sampling.decode.lower(cfg, model.resolve(cfg, "decode", p), params, state, stop, 0,
-                                   steps, steps=steps, temperature=0.0, top_k=None,
+    decode = sampling.decode.lower(cfg, model.resolve(cfg, "decode", p_decode), params, state, stop,
+                                   0, steps, steps=steps, temperature=0.0, top_k=None,
                                    top_p=None).compile()
     t2 = time.perf_counter()
     out["compile_s"] = {"prefill": t1 - t0, "decode": t2 - t1}
@@ -164,6 +168,8 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
         out[name] = {"arguments": args, "outputs": outs, "aliased": alias, "temporaries": temp,
                      "total": args + outs - alias + temp}
     out["arithmetic"] = arithmetic(held_cfg, mesh, batch, context, piece, quantize)
+    out["prefill_flops"] = batch * prefill_flops(cfg, context)["total"]
+    out["prefill_s"] = batch * prefill_seconds(cfg, context, mesh.size, "H100", MFU)
     out["checkpoint"] = checkpoint_bytes(preset, param_dtype or dtype)
     return out
 
@@ -206,11 +212,34 @@ def arithmetic(cfg, mesh, batch: int, context: int, piece: int, quantize: str | 
     # the norms are split over fsdp only, and they are a rounding error)
     params = experts / (ep * tp * fsdp) + rest / (tp * fsdp)
     kv_split = tp if t.num_kv_heads % tp == 0 else 1
-    cache = kv_cache.cache_bytes(cfg, batch, context) / kv_split
+    cache = kv_cache.cache_bytes(cfg, batch, context) / (kv_split * size["context"])
     keys = context + piece if context <= DENSE_MAX_LEN else max(BLOCK, piece)
     scores = batch * (t.num_heads // tp) * piece * keys * (4 + a)
     return {"params": params, "cache": cache, "scores": scores,
             "total": params + cache + scores}
+
+
+def prefill_flops(cfg, tokens: int) -> dict:
+    """Useful FLOPs of prefilling one prompt of `tokens` (forward only): 2 per active weight per
+    token for the matmuls (the embedding is a lookup; the LM head runs on each piece's last token
+    only, left out), plus causal attention, QK^T and PV, 4 * H FLOPs per head per (query, key):
+    a global layer's query sees on average T/2 keys, a chunked layer's C/2 (its chunk's causal
+    half). The XLA kernels also score the masked half of each global layer's cache blocks (up to
+    twice the global layers' useful work): the MFU below is of useful FLOPs, as MFU is."""
+    from model.config import param_count
+    t = cfg.text
+    matmul = 2 * (param_count(cfg)["text_active"] - 2 * t.vocab_size * t.hidden_size) * tokens
+    per_key = 4 * t.head_dim * t.num_heads
+    attention = 0
+    for spec in t.layer_specs:
+        seen = min(t.attention_chunk_size, tokens) if spec.chunked else tokens
+        attention += per_key * tokens * seen / 2
+    return {"matmul": matmul, "attention": attention, "total": matmul + attention}
+
+
+def prefill_seconds(cfg, tokens: int, chips: int, chip: str, mfu: float) -> float:
+    """Seconds to prefill `tokens` on `chips` chips at `mfu` of their dense bf16 peak."""
+    return prefill_flops(cfg, tokens)["total"] / (chips * PEAK_TFLOPS[chip] * 1e12 * mfu)
 
 
 def _gb(x) -> str:
@@ -236,6 +265,9 @@ def report(r: dict) -> str:
                  f"first, {_gb(r['checkpoint'])} GB in {r['param_dtype']} (vision tower "
                  f"included); from Orbax (python -m checkpoints.convert) each device reads its "
                  f"{_gb(r['params'])} GB of shards straight (sharding.load)")
+    lines.append(f"  prefill of the whole context: {r['prefill_flops']:.3g} FLOPs, "
+                 f"{_duration(r['prefill_s'])} at {MFU:.0%} MFU on H100s or H200s (dense bf16 "
+                 f"peak {PEAK_TFLOPS['H100']} TFLOP/s a chip)")
     c = r["compile_s"]
     lines.append(f"  compiled in {c['prefill']:.0f} s (prefill) + {c['decode']:.0f} s (decode)")
     return "\n".join(lines)
@@ -244,6 +276,12 @@ def report(r: dict) -> str:
 def _weights(r: dict) -> str:
     """The weights' storage: the recipe's name, or the params dtype."""
     return r.get("quantize") or r["param_dtype"]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _context(n: int) -> str:
@@ -277,10 +315,16 @@ def figure(results: list[dict]):
     return fig
 
 
+TABLE_DEVICES = 16  # the largest mesh of TABLE
 TABLE = [  # (preset, mesh, dtype, context, weight recipe, KV-cache dtype)
     ("scout", "tensor=8", "bfloat16", 8192, None, None),
     ("scout", "tensor=8", "bfloat16", 131072, None, None),
     ("scout", "tensor=8", "bfloat16", 1048576, None, None),
+    ("scout", "context=2,tensor=4", "bfloat16", 1048576, None, None),
+    ("scout", "tensor=8", "bfloat16", 10485760, None, None),
+    ("scout", "context=2,tensor=4", "bfloat16", 10485760, None, None),
+    ("scout", "context=2,tensor=8", "bfloat16", 10485760, None, None),  # 16 chips: two hosts
+    ("scout", "tensor=8", "bfloat16", 10485760, None, "int8"),
     ("scout", "tensor=8", "float32", 131072, None, None),
     ("scout", "expert=8", "bfloat16", 131072, None, None),
     ("maverick", "tensor=8", "bfloat16", 8192, None, None),
@@ -302,15 +346,15 @@ QUANTIZED = [
 
 def table(path: str, devices, batch: int):
     rows = []
+    from sharding import parse_mesh
     for preset, mesh, dtype, ctx, recipe, kv in TABLE + QUANTIZED:
-        from sharding.mesh import parse_mesh
         r = plan(preset, mesh, dtype, batch, ctx, quantize=recipe, kv_dtype=kv,
                  devices=devices[:math.prod(parse_mesh(mesh).values())])
         print(report(r), flush=True)
         rows.append(r)
     head = ("| model | mesh | dtype | weights | KV cache dtype | context | params | KV cache "
-            "| prefill total | decode total | arithmetic | H100 80 | H200 141 | v5p 95 |\n"
-            + "|---" * 14 + "|")
+            "| prefill total | decode total | arithmetic | H100 80 | H200 141 | v5p 95 "
+            f"| prefill at {MFU:.0%} MFU |\n" + "|---" * 15 + "|")
     body = []
     for r in rows:
         peak = max(r["prefill"]["total"], r["decode"]["total"])
@@ -319,14 +363,14 @@ def table(path: str, devices, batch: int):
                     f"| {r['kv_dtype'] or r['dtype']} | {r['context']} "
                     f"| {_gb(r['params'])} | {_gb(r['cache'])} | {_gb(r['prefill']['total'])} "
                     f"| {_gb(r['decode']['total'])} | {_gb(r['arithmetic']['total'])} "
-                    f"| {' | '.join(fit)} |")
+                    f"| {' | '.join(fit)} | {_duration(r['prefill_s'])} |")
     import jax
     with open(path, "w") as f:
         f.write(f"""# Memory plan: per-device GB (1e9 bytes), batch 1, text decoder
 
-Made by `python -m experiments.plan --table {path}` (jax {jax.__version__}, XLA:CPU with 8
-simulated devices, about a minute); one row alone: `python -m experiments.plan --preset scout
---mesh tensor=8 --dtype bfloat16 --batch 1 --context 1048576`.
+Made by `python -m experiments.plan --table {path}` (jax {jax.__version__}, XLA:CPU with
+{TABLE_DEVICES} simulated devices, about ten minutes); one row alone: `python -m experiments.plan
+--preset scout --mesh tensor=8 --dtype bfloat16 --batch 1 --context 1048576`.
 
 - params, KV cache: shard sizes (exact). prefill / decode total: arguments + outputs - aliased
   (donated cache) + temporaries of the compiled programs (prefill: one 512-token piece at the end
@@ -343,6 +387,18 @@ simulated devices, about a minute); one row alone: `python -m experiments.plan -
 - bfloat16 is compiled as float16 (same bytes): XLA:CPU rewrites bf16 (and fp8) arithmetic in
   f32 and hoists f32 copies of whole stacked weights out of the layer loop, which measures
   XLA:CPU, not the model. Temporaries are XLA:CPU's; GPU and TPU compilers fuse differently.
+- prefill at {MFU:.0%} MFU: the useful FLOPs of a prompt filling the whole context (matmuls of
+  the active weights, causal attention; `prefill_flops`) over the mesh's chips at {MFU:.0%} of a
+  dense bf16 peak of {PEAK_TFLOPS["H100"]} TFLOP/s a chip (H100 and H200 alike); the XLA kernels
+  also score the masked half of the global layers' cache blocks, up to twice their useful work.
+- Long context: Scout has 8 KV heads, so tensor=8 already splits the cache 8 ways; the context
+  axis splits it further, by positions. On one 8-chip host context=2,tensor=4 holds the same
+  cache per chip and twice the weights (worse than tensor=8); it pays past 8 chips:
+  context=2,tensor=8 on two hosts halves the cache per chip. The 10M rows are bf16 weights; the
+  one with an int8 cache shows what an 8-bit cache saves (int8 values plus a scale per head_dim).
+- Meshes run the stacked layout, whose prefill temporaries on XLA:CPU hold about two of one
+  block's global-layer buffers (what the layer scan reads, copied to be written after it: about
+  5 GB per chip at 10M on tensor=8); the split layouts of one CPU device make no such copy.
 - expert=8 alone replicates attention, the shared experts, Maverick's dense layers and the vocab
   on every device, hence its larger params; combine it with tensor (or fsdp) for big models.
 - weights int4_mixed / fp8_mixed / int8 (model/quantization.py) and an int8 KV cache: compiled
@@ -360,7 +416,7 @@ def parse_args(argv=None):
                     help="model preset (default: %(default)s)")
     ap.add_argument("--mesh", default="tensor=8",
                     help="mesh axes and sizes, e.g. expert=4,tensor=2; axes data, fsdp, expert, "
-                         "tensor (default: %(default)s)")
+                         "context, tensor (default: %(default)s)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                     help="compute dtype (default: %(default)s)")
     ap.add_argument("--param-dtype", choices=("bfloat16", "float32"),
@@ -377,7 +433,7 @@ def parse_args(argv=None):
     ap.add_argument("--prefill-chunk", type=int, default=512,
                     help="tokens per prefill piece (default: %(default)s)")
     ap.add_argument("--table", metavar="PATH",
-                    help="plan the configurations of TABLE (8 devices) and write PATH")
+                    help="plan the configurations of TABLE (16 devices) and write PATH")
     return ap.parse_args(argv)
 
 
@@ -390,7 +446,7 @@ def main(argv=None):
     from model.config import ConfigError
     from sharding import ShardingError, parse_mesh
     try:
-        n = 8 if args.table else math.prod(parse_mesh(args.mesh).values())
+        n = TABLE_DEVICES if args.table else math.prod(parse_mesh(args.mesh).values())
         devices = simulate_devices(n)
         if args.table:
             return table(args.table, devices, args.batch)

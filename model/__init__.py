@@ -81,7 +81,7 @@ def forward(cfg: Config, params, input_ids, pixel_values=None, *, mesh=None, rul
         pixel_values = jnp.asarray(pixel_values)
         multimodal.check_pixel_values(cfg, pixel_values)
     multimodal.check_image_tokens(cfg, input_ids, pixel_values)
-    placement, params = runtime.place(cfg, params, input_ids.shape[0], mesh, rules)
+    placement, params = runtime.place(cfg, params, *input_ids.shape, mesh, rules)
     rt = resolve(cfg, "prefill", placement, experts=experts, layout=layout)
     if placement is not None:
         input_ids = placement.put(input_ids, ("batch", "seq"), "input_ids")

@@ -38,18 +38,29 @@ def buffer_len(cfg: Config, spec: LayerSpec, max_len: int) -> int:
     return max_len
 
 
-def init_cache(cfg: Config, batch: int, max_len: int, dtype=None):
+def init_cache(cfg: Config, batch: int, max_len: int, dtype=None, stacked: bool = True):
+    """An empty cache; `stacked=False`: one block's, without the nb axis."""
     t = cfg.text
     dtype = jnp.dtype(dtype or cfg.dtype)
+    lead = (t.num_blocks,) if stacked else ()
     cache = {}
     for j, spec in enumerate(t.block_specs):
         S = buffer_len(cfg, spec, max_len)
-        shape = (t.num_blocks, batch, t.num_kv_heads, S, t.head_dim)
+        shape = (*lead, batch, t.num_kv_heads, S, t.head_dim)
         empty = (lambda: jnp.zeros(shape, dtype)) if cfg.kv_dtype is None else (
             lambda: empty_kv(shape, cfg.kv_dtype, dtype))
         cache[f"layer_{j}"] = {"k": empty(), "v": empty(),
-                               "pos": jnp.full((t.num_blocks, batch, S), -1, jnp.int32)}
+                               "pos": jnp.full((*lead, batch, S), -1, jnp.int32)}
     return cache
+
+
+def room(cfg: Config, cache) -> int | None:
+    """How many positions the cache's global (unchunked) buffers hold; None when every layer is
+    chunked, its ring buffers never running out."""
+    for j, spec in enumerate(cfg.text.block_specs):
+        if not spec.chunked:
+            return cache[f"layer_{j}"]["pos"].shape[-1]
+    return None
 
 
 def cache_bytes(cfg: Config, batch: int, context: int, bytes_per_value: float | None = None

@@ -149,16 +149,15 @@ def prefill(cfg: Config, params, input_ids: Sequence[Sequence[int]] | np.ndarray
         pixel_values = jnp.asarray(pixel_values)
         multimodal.check_pixel_values(cfg, pixel_values)
     multimodal.check_image_tokens(cfg, ids, pixel_values)
-    placement, params = runtime.place(cfg, params, len(rows), mesh, rules)
+    placement, params = runtime.place(cfg, params, len(rows), piece, mesh, rules)
     rt = runtime.resolve(cfg, "prefill", placement, experts=experts, layout=layout)
     put = (lambda x, axes: x) if placement is None else placement.put  # noqa: E731
     max_len = _round_up(T + max_new_tokens, BUCKET)
-    cache = (kv_cache.init_cache(cfg, len(rows), max_len) if placement is None
-             else placement.init_cache(cfg, len(rows), max_len))
+    cache = rt.init_cache(cfg, len(rows), max_len)
     image = None
     if pixel_values is not None:
         image = _image_embeddings(cfg, params, ids, pixel_values)
-    cache, viewed = rt.view_cache(cache), rt.view_params(params)
+    viewed = rt.view_params(params)
     for s in range(0, T_pad, piece):
         piece_image = None if image is None else (
             put(image[0][:, s:s + piece], ("batch", "seq")),
@@ -188,7 +187,12 @@ def _decoding(cfg: Config, params, state: DecodeState, max_new_tokens: int, temp
               top_p, stop_tokens, stream_every, mesh, rules, experts, layout) -> _Decoding:
     inputs.check_decoding(cfg.text.vocab_size, max_new_tokens, temperature, top_k, top_p,
                           stream_every)
-    placement, params = runtime.place(cfg, params, state.logits.shape[0], mesh, rules)
+    room, start = kv_cache.room(cfg, state.cache), int(np.max(np.asarray(state.positions)))
+    if room is not None and start + max_new_tokens > room:
+        raise ValueError(f"the cache holds {room} positions and the longest row is at {start}: "
+                         f"{max_new_tokens} new tokens would run past its end (prefill with a "
+                         "max_new_tokens that covers every token to be decoded)")
+    placement, params = runtime.place(cfg, params, state.logits.shape[0], 1, mesh, rules)
     rt = runtime.resolve(cfg, "decode", placement, experts=experts, layout=layout)
     params, state = rt.view_params(params), state._replace(cache=rt.view_cache(state.cache))
     stop = jnp.asarray(list(cfg.text.eos_token_ids if stop_tokens is None else stop_tokens)

@@ -7,10 +7,11 @@ import os
 import jax
 from jax.sharding import AxisType, Mesh
 
-# Every mesh has all four axes (size 1 when not named), outermost first: data-parallel replicas
-# across hosts, tensor-parallel groups innermost so that they sit on the fastest links (NVLink
+# Every mesh has all five axes (size 1 when not named), outermost first: data-parallel replicas
+# across hosts; context (positions split, keys and partial softmaxes exchanged every global
+# layer) and tensor-parallel groups innermost, so that they sit on the fastest links (NVLink
 # within a host, the nearest chips on a TPU slice). jax.make_mesh lays devices out that way.
-AXES = ("data", "fsdp", "expert", "tensor")
+AXES = ("data", "fsdp", "expert", "context", "tensor")
 
 
 class ShardingError(ValueError):
@@ -50,7 +51,7 @@ def parse_mesh(spec: str | dict[str, int]) -> dict[str, int]:
 
 
 def make_mesh(spec: str | dict[str, int], devices=None) -> Mesh:
-    """A Mesh over all devices (of every process) with axes data, fsdp, expert, tensor.
+    """A Mesh over all devices (of every process) with axes data, fsdp, expert, context, tensor.
 
     Axis types are Auto: the partitioner propagates shardings from the parameters and from the
     model's logical-axis constraints, and fills in the collectives. With Explicit axes every op

@@ -42,7 +42,7 @@ def expert_parallel(plan, body, xs, ids, wi_gate, wi_up, wo):
     """The routed experts' outputs [M, D] for token copies xs [M, D] going to experts ids [M]
     (M = B * seq * k, split as the batch). `body` is the single-device grouped kernel
     (model.kernels.experts.grouped): each device runs it on its local experts."""
-    tok = plan.axes("batch")
+    tok = plan.axes("batch") + plan.axes("seq")  # the copies' rows: [B, T] flattened
     ex = plan.axes("experts")
     # fp8 weights take fp8 inputs scaled by each row's max (kernels/quantized.py): the down
     # projection's rows must be whole, so F stays unsplit inside the map for them

@@ -86,8 +86,8 @@ def test_cached_attention_in_blocks_equals_dense(T, chunk):
     dense = A.cached_attention(q, k_new, v_new, q_pos, cache, chunk)
     blocks = A.cached_attention(q, k_new, v_new, q_pos, cache, chunk, dense_max_len=4, block=4)
     np.testing.assert_allclose(blocks, dense, rtol=1e-5, atol=1e-5)
-    # No score tensor over the whole cache (the dense path has one, over cache + new keys).
+    # No score tensor over the whole cache (the dense path has one, [.., T, S]).
     hlo = lambda **kw: jax.jit(lambda q: A.cached_attention(  # noqa: E731
         q, k_new, v_new, q_pos, cache, chunk, **kw)).lower(q).as_text()
-    scores = f"x{T}x{S + T}xf32>"
+    scores = f"x{T}x{S}xf32>"
     assert scores in hlo() and scores not in hlo(dense_max_len=4, block=4)

@@ -156,7 +156,8 @@ def train(cfg: Config, make_params: Callable[[], dict], rows: Rows, run: RunConf
     check_run(cfg, run)
     plan = None
     if run.mesh is not None:  # a bad mesh or rules fail here, before anything is written
-        plan = sharding.make_plan(cfg, sharding.make_mesh(run.mesh), run.rules, batch=run.batch)
+        plan = sharding.make_plan(cfg, sharding.make_mesh(run.mesh), run.rules, batch=run.batch,
+                                  seq=run.seq)
     memory.check_estimate(cfg, run.batch, run.seq, 1 if plan is None else plan.mesh.size)
     os.makedirs(run.out, exist_ok=True)
     ckpt = Checkpointer(run.out, run.save_every, run.keep, run.async_save)
