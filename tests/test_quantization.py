@@ -164,7 +164,7 @@ def test_quantized_forward_is_the_dequantized_forward(params, recipe):
         assert rt.experts == "switched"
         _, state = sampling.decode(CFG, rt, rt.view_params(p),
                                    state._replace(cache=rt.view_cache(state.cache)),
-                                   jnp.asarray([-1]), 0, steps=6, temperature=0.0, top_k=None,
+                                   jnp.asarray([-1]), 0, 6, steps=6, temperature=0.0, top_k=None,
                                    top_p=None)
         logits[name] = state.logits
     np.testing.assert_allclose(logits["quantized"], logits["dequantized"], rtol=1e-5, atol=1e-5)
@@ -234,7 +234,7 @@ def _decode(cfg, params, prompts, steps, layout):
     rt = model.resolve(cfg, "decode", layout=layout)
     tokens, state = sampling.decode(cfg, rt, rt.view_params(params),
                                     state._replace(cache=rt.view_cache(state.cache)),
-                                    jnp.asarray([-1]), 0, steps=steps, temperature=0.0,
+                                    jnp.asarray([-1]), 0, steps, steps=steps, temperature=0.0,
                                     top_k=None, top_p=None)
     return first, np.asarray(tokens), np.asarray(state.logits)
 
