@@ -4,11 +4,14 @@
                                              # or a training run (its latest step) or one step
     checkpoints.save(path, cfg, params)      # in-memory params -> Orbax directory
     checkpoints.save_hf(path, cfg, params)   # in-memory params -> HF directory
-    python -m checkpoints.convert SRC DST [--dtype bfloat16] [--to hf]
+    python -m checkpoints.convert SRC DST [--dtype bfloat16] [--to hf] [--quantize RECIPE]
 
 Parameter tree names (a public format, kept by Orbax checkpoints) are listed by
-`param_shapes(cfg)`; the HF names they come from are in `checkpoints.keys`. Conversions carry the
-tokenizer and the other non-weight files (`checkpoints.assets`).
+`param_shapes(cfg)`; the HF names they come from are in `checkpoints.keys`. Quantized
+checkpoints (a recipe of model/quantization.py, or Meta's FP8 checkpoints) load as they are
+stored: their quantized leaves are qwix QArrays, which model.forward / model.generate and
+sharding/ take as they are.
+Conversions carry the tokenizer and the other non-weight files (`checkpoints.assets`).
 
 The names below are imported on first use, so that `python -m checkpoints.convert --help` answers
 before JAX and Orbax are loaded.

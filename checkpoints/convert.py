@@ -1,8 +1,11 @@
 """Command line for checkpoint conversion (see checkpoints.conversion).
 
     python -m checkpoints.convert SRC DST [--dtype bfloat16|float32]   # HF dir or run -> Orbax
+    python -m checkpoints.convert SRC DST --quantize int4_mixed        # HF dir -> Orbax, quantized
     python -m checkpoints.convert SRC DST --to hf                      # Orbax dir or run -> HF
 
+--quantize takes a recipe of model/quantization.py (int8, int4_mixed, fp8_mixed), applied slab
+by slab as the weights stream; Meta's FP8 checkpoints convert as they are (fp8_mixed) without it.
 SRC is an HF directory, an Orbax directory of this package, or a training run directory of
 experiments.train (its latest step) or one step of it, OUT/<step>. The tokenizer and the other
 non-weight files (tokenizer_config.json, generation_config.json, the chat template,
@@ -27,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="output format (default: orbax)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"),
                    help="dtype to store (default: the source's)")
+    p.add_argument("--quantize", metavar="RECIPE",
+                   help="quantize the weights (HF to Orbax): int8, int4_mixed or fp8_mixed")
     p.add_argument("--max-shard-bytes", type=int,
                    help="with --to hf: start a new safetensors shard beyond this size "
                         "(default: 5 GB, as HF's save_pretrained)")
@@ -43,7 +48,8 @@ def main(argv=None) -> int:
         warnings.simplefilter("always")
         shard = {} if args.max_shard_bytes is None else {"max_shard_bytes": args.max_shard_bytes}
         try:
-            convert(args.src, args.dst, args.to, args.dtype, verify=not args.no_verify, **shard)
+            convert(args.src, args.dst, args.to, args.dtype, quantize=args.quantize,
+                    verify=not args.no_verify, **shard)
         except CheckpointError as e:
             error = e
         else:

@@ -79,5 +79,6 @@ def open_params(step: Path, cfg: Config) -> orbax_io.Stores:
 
 def restore_params(step: Path, cfg: Config, dtype, shardings: dict) -> dict:
     """The parameters of a step as jax.Arrays, each leaf read straight into its sharding."""
-    return orbax_io.restore(step / STATE, K.param_shapes(cfg), dtype, shardings,
+    shapes = K.param_shapes(cfg)
+    return orbax_io.restore(step / STATE, shapes, dict.fromkeys(shapes, dtype), shardings,
                             under=("params",), where=step)

@@ -1,12 +1,14 @@
 """Peak resident memory of `python -m checkpoints.convert` at two checkpoint sizes.
 
-    python -m experiments.bench_convert_memory [--layers 1 8 16] [--tmp DIR]
+    python -m experiments.bench_convert_memory [--layers 1 8 16] [--tmp DIR] [--quantize RECIPE]
 
 Builds synthetic bf16 HF checkpoints (random weights, Scout-like layers with large widths, written
 in 256 MB safetensors shards one shard at a time), converts each HF -> Orbax and back with the
 CLI in a subprocess, and reads that subprocess's peak RSS (the kernel's high-water mark, via GNU
 time; mapped file pages count). If conversion streams, peak RSS stays flat as the checkpoint grows.
-Writes experiments/results/convert_memory.txt; deletes its temporary checkpoints.
+With --quantize RECIPE the HF -> Orbax conversion quantizes (`convert --quantize RECIPE`) and
+there is no way back (a quantized checkpoint is not converted to HF).
+Writes experiments/results/convert_memory[_RECIPE].txt; deletes its temporary checkpoints.
 """
 from __future__ import annotations
 
@@ -99,6 +101,7 @@ def main():
     p = cli.parser(__spec__.name, __doc__)
     p.add_argument("--layers", type=int, nargs="+", default=[1, 8, 16])
     p.add_argument("--tmp", type=Path, default=REPO / "experiments" / "results" / "tmp")
+    p.add_argument("--quantize", metavar="RECIPE", help="convert with --quantize RECIPE")
     args = p.parse_args()
     args.tmp.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -107,12 +110,15 @@ def main():
         try:
             size = write_synthetic_hf(work / "hf", synthetic_config(layers))
             convert = [sys.executable, "-m", "checkpoints.convert"]
-            to_orbax = peak_rss(convert + [str(work / "hf"), str(work / "orbax")])
-            to_hf = peak_rss(convert + [str(work / "orbax"), str(work / "back"), "--to", "hf"])
+            quantize = ["--quantize", args.quantize] if args.quantize else []
+            to_orbax = peak_rss(convert + [str(work / "hf"), str(work / "orbax"), *quantize])
+            to_hf = (0, 0.0) if args.quantize else peak_rss(
+                convert + [str(work / "orbax"), str(work / "back"), "--to", "hf"])
             rows.append((layers, size, to_orbax, to_hf))
+            back = "" if args.quantize else (f", Orbax->HF peak RSS {to_hf[0] / 1e6:.0f} MB "
+                                             f"({to_hf[1]:.0f} s)")
             print(f"{layers} layers, {size / 1e9:.2f} GB: HF->Orbax peak RSS "
-                  f"{to_orbax[0] / 1e6:.0f} MB ({to_orbax[1]:.0f} s), Orbax->HF peak RSS "
-                  f"{to_hf[0] / 1e6:.0f} MB ({to_hf[1]:.0f} s)", flush=True)
+                  f"{to_orbax[0] / 1e6:.0f} MB ({to_orbax[1]:.0f} s){back}", flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     with contextlib.suppress(OSError):  # ours when empty; a shared --tmp is not
@@ -123,17 +129,19 @@ def main():
            if Path("/usr/bin/time").exists() else "psutil polling every 20 ms")
     lines = [f"command: {command}",
              "synthetic bf16 HF checkpoints (D=2048, 8 experts of F=2048, V=32000), converted by "
-             f"`python -m checkpoints.convert` in a subprocess on {os.cpu_count()} CPUs; "
+             f"`python -m checkpoints.convert {' '.join(quantize)}` in a subprocess on "
+             f"{os.cpu_count()} CPUs; "
              f"peak RSS = {how}",
-             "", f"{'layers':>6} {'checkpoint':>11} {'HF->Orbax RSS':>14} {'time':>6} "
-             f"{'Orbax->HF RSS':>14} {'time':>6}"]
+             "", f"{'layers':>6} {'checkpoint':>11} {'HF->Orbax RSS':>14} {'time':>6}"
+             + ("" if args.quantize else f" {'Orbax->HF RSS':>14} {'time':>6}")]
     for layers, size, (o_rss, o_s), (h_rss, h_s) in rows:
-        lines.append(f"{layers:>6} {size / 1e9:>9.2f}GB {o_rss / 1e6:>12.0f}MB {o_s:>5.0f}s "
-                     f"{h_rss / 1e6:>12.0f}MB {h_s:>5.0f}s")
+        back = "" if args.quantize else f" {h_rss / 1e6:>12.0f}MB {h_s:>5.0f}s"
+        lines.append(f"{layers:>6} {size / 1e9:>9.2f}GB {o_rss / 1e6:>12.0f}MB {o_s:>5.0f}s{back}")
+    back = "" if args.quantize else f", {big[3][0] / small[3][0]:.2f}x (Orbax->HF)"
     lines += ["", f"checkpoint grew {big[1] / small[1]:.2f}x; peak RSS grew "
-              f"{big[2][0] / small[2][0]:.2f}x (HF->Orbax), "
-              f"{big[3][0] / small[3][0]:.2f}x (Orbax->HF)"]
-    out = REPO / "experiments" / "results" / "convert_memory.txt"
+              f"{big[2][0] / small[2][0]:.2f}x (HF->Orbax){back}"]
+    out = REPO / "experiments" / "results" / (
+        f"convert_memory{'_' + args.quantize if args.quantize else ''}.txt")
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines[3:]))
     print(f"written to {out.relative_to(REPO)}")

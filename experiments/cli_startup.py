@@ -21,7 +21,8 @@ COMMANDS = ["checkpoints.convert", "experiments.generate", "experiments.train", 
             "experiments.quickstart", "experiments.kv_memory", "experiments.bench_forward",
             "experiments.bench_generate", "experiments.bench_integrity",
             "experiments.bench_layouts", "experiments.bench_vision",
-            "experiments.bench_convert_memory", "experiments.cli_startup"]
+            "experiments.bench_convert_memory", "experiments.bench_quantized_accuracy",
+            "experiments.cli_startup"]
 
 
 def command_line(name: str) -> list[str]:

@@ -17,6 +17,14 @@ bf16 op in f32 and hoists f32 copies of whole stacked weights and caches out of 
 (measured: 73 GB of temporaries for Scout's decode on tensor=8 at 1M context, against 10 GB as
 float16), which would describe XLA:CPU rather than the model. XLA:CPU still upcasts each f16
 matmul's operands to f32 one layer at a time, so temporaries err on the high side.
+Quantized weights (--quantize RECIPE) and an 8-bit cache (--kv-dtype) are planned on stand-ins
+too: the programs are compiled with float16 weights and cache, whose argument, output and
+aliased bytes are then replaced by the exact sizes of the quantized ones (int4 two to a byte, as
+XLA:GPU and TPU store it; scales included). The temporaries are the float program's, which
+already hold one layer's expert weights in float16: what dequantizing on use materialises
+(model/kernels/quantized.py). Compiled as they are, XLA:CPU upcasts the int4 and fp8 stacks
+whole, outside the layer loop (measured: 110 GB of temporaries for Scout int4_mixed's decode on
+one device at 256K), which again describes XLA:CPU, not the model.
 Memory per chip is taken as H100 80 GB, H200 141 GB, TPU v5p 95 GB (1 GB = 1e9 bytes), and a
 plan "fits" within 95% of it (on GPUs also set XLA_PYTHON_CLIENT_MEM_FRACTION=.95: JAX
 preallocates 75% by default).
@@ -49,12 +57,18 @@ def simulate_devices(n: int):
 
 
 def _bytes_per_device(tree) -> int:
-    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard set)."""
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard set);
+    int4 values two to a byte, as XLA:GPU and TPU store them."""
     import jax
     total = 0
     for x in jax.tree.leaves(tree):
-        total += math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-    return total
+        total += math.prod(x.sharding.shard_shape(x.shape)) * _itemsize(x.dtype)
+    return round(total)
+
+
+def _itemsize(dtype) -> float:
+    import jax.numpy as jnp
+    return 0.5 if jnp.dtype(dtype) == jnp.int4 else jnp.dtype(dtype).itemsize
 
 
 def float16_stand_in(cfg, dtype: str, param_dtype: str):
@@ -68,22 +82,40 @@ def float16_stand_in(cfg, dtype: str, param_dtype: str):
 
 
 def abstract(tree, shardings):
+    """ShapeDtypeStructs of `tree` carrying `shardings`; a quantized leaf (QArray) takes its
+    weight's sharding for its qvalue and scale (sharding.rules.child_sharding) unless given
+    one per child."""
     import jax
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        tree, shardings)
+
+    from model.quantization import is_quantized
+    from sharding.rules import child_sharding
+
+    def one(s, sh):
+        if not is_quantized(s):
+            return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
+        if not is_quantized(sh):
+            sh = jax.tree.map(lambda c: child_sharding(sh, s.shape, c.shape), s)
+        return jax.tree.map(lambda c, csh: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=csh),
+                            s, sh)
+    return jax.tree.map(one, tree, shardings, is_leaf=is_quantized)
 
 
 def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
          param_dtype: str | None = None, rules: str = "combined", prefill_chunk: int = 512,
-         steps: int = 16, devices=None, announce: bool = False) -> dict:
+         steps: int = 16, devices=None, quantize: str | None = None,
+         kv_dtype: str | None = None, announce: bool = False) -> dict:
     """Per-device memory of prefill and decode (see the module docstring; `report` prints it).
     devices: the mesh's devices; default the first CPU devices it needs (`simulate_devices`).
+    quantize: a weight recipe (model/quantization.py); kv_dtype: an 8-bit KV cache.
     announce: say on stderr that the (long) compiles start."""
     import jax
     import model
     import sharding
-    from model import kv_cache, sampling
+    from model import kv_cache, quantization, sampling
 
+    held_cfg = float16_stand_in(model.preset(preset).replace(vision=None, kv_dtype=kv_dtype),
+                                dtype, param_dtype or dtype)
+    # compiled with float weights and cache (see the module docstring: quantized stand-ins)
     cfg = float16_stand_in(model.preset(preset).replace(vision=None), dtype, param_dtype or dtype)
     if devices is None:
         devices = jax.devices("cpu")[:math.prod(sharding.parse_mesh(mesh_spec).values())]
@@ -91,17 +123,26 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
     piece = min(prefill_chunk, context)
     p = sharding.make_plan(cfg, mesh, rules, batch=batch, seq=piece)
     p_decode = sharding.make_plan(cfg, mesh, rules, batch=batch, seq=1)
-    params = abstract(model.param_shapes(cfg), sharding.param_shardings(cfg, mesh, rules))
-    params = {k: params[k] for k in model.DECODER_KEYS}
-    cache = jax.eval_shape(lambda: kv_cache.init_cache(cfg, batch, context))
-    cache = abstract(cache, p.cache_shardings(cache))
+    shardings = sharding.param_shardings(cfg, mesh, rules)
+
+    def decoder(tree):
+        return {k: tree[k] for k in model.DECODER_KEYS}
+    params = decoder(abstract(model.param_shapes(cfg), shardings))
+    held = decoder(abstract(quantization.quantized_shapes(cfg, quantize), shardings))
+    cache, held_cache = (abstract(c, p.cache_shardings(c)) for c in (
+        jax.eval_shape(lambda c=c: kv_cache.init_cache(c, batch, context)) for c in (cfg, held_cfg)))
     tokens = lambda shape: jax.ShapeDtypeStruct(  # noqa: E731
         shape, np.int32, sharding=p.sharding(("batch", "seq")[:len(shape)], shape))
     row = lambda logical, shape, dt: jax.ShapeDtypeStruct(  # noqa: E731
         shape, dt, sharding=p.sharding(logical, shape))
     out = {"preset": preset, "mesh": mesh_spec, "dtype": dtype,
            "param_dtype": param_dtype or dtype, "batch": batch, "context": context,
-           "params": _bytes_per_device(params), "cache": _bytes_per_device(cache)}
+           "quantize": quantize, "kv_dtype": kv_dtype,
+           "params": _bytes_per_device(held), "cache": _bytes_per_device(held_cache)}
+    # what quantization saves of the compiled arguments (and of the cache in the outputs and
+    # aliased bytes, which hold the donated cache)
+    saved_params = _bytes_per_device(params) - out["params"]
+    saved_cache = _bytes_per_device(cache) - out["cache"]
 
     if announce:
         print(f"compiling prefill and decode of {preset} on {mesh_spec} (a minute or more for "
@@ -121,11 +162,12 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
     out["compile_s"] = {"prefill": t1 - t0, "decode": t2 - t1}
     for name, c in (("prefill", prefill), ("decode", decode)):
         m = c.memory_analysis()
-        args, outs, alias, temp = (m.argument_size_in_bytes, m.output_size_in_bytes,
-                                   m.alias_size_in_bytes, m.temp_size_in_bytes)
+        args, outs, alias, temp = (m.argument_size_in_bytes - saved_params - saved_cache,
+                                   m.output_size_in_bytes - saved_cache,
+                                   m.alias_size_in_bytes - saved_cache, m.temp_size_in_bytes)
         out[name] = {"arguments": args, "outputs": outs, "aliased": alias, "temporaries": temp,
                      "total": args + outs - alias + temp}
-    out["arithmetic"] = arithmetic(cfg, mesh, batch, context, piece)
+    out["arithmetic"] = arithmetic(held_cfg, mesh, batch, context, piece, quantize)
     out["prefill_flops"] = batch * prefill_flops(cfg, context)["total"]
     out["prefill_s"] = batch * prefill_seconds(cfg, context, mesh.size, "H100", MFU)
     out["checkpoint"] = checkpoint_bytes(preset, param_dtype or dtype)
@@ -142,29 +184,35 @@ def checkpoint_bytes(preset: str, param_dtype: str) -> int:
     return n * jnp.dtype(param_dtype).itemsize
 
 
-def arithmetic(cfg, mesh, batch: int, context: int, piece: int) -> dict:
+def arithmetic(cfg, mesh, batch: int, context: int, piece: int, quantize: str | None = None
+               ) -> dict:
     """The same figures from the config alone: params / model shards, KV cache / its shards, and
     the largest activation of prefill: one global layer's fp32 query x key scores and the bf16
     or fp32 probabilities (the XLA attention path), over the devices that split the heads, for
     the keys scored at once: the whole cache and the piece, or one block of a cache longer than
     DENSE_MAX_LEN slots (model/kernels/attention.py)."""
-    from model import kv_cache
-    from model.config import param_count
+    import jax
+    from flax import traverse_util
+
+    from model import kv_cache, quantization
     from model.kernels.attention import BLOCK, DENSE_MAX_LEN
     t = cfg.text
     size = dict(mesh.shape)
     tp, ep, fsdp = size["tensor"], size["expert"], size["fsdp"]
-    b = np.dtype(cfg.param_dtype).itemsize
     a = np.dtype(cfg.dtype).itemsize
-    D, F, E = t.hidden_size, t.intermediate_size, t.num_experts
-    n_moe = len(t.moe_layers)
-    experts = n_moe * E * 3 * D * F
-    rest = param_count(cfg)["text"] - experts
+    experts = rest = 0
+    for path, leaf in traverse_util.flatten_dict(quantization.quantized_shapes(cfg, quantize)
+                                                 ).items():
+        n = sum(math.prod(x.shape) * _itemsize(x.dtype) for x in jax.tree.leaves(leaf))
+        if path[-2:-1] == ("moe",) and path[-1] in ("wi_gate", "wi_up", "wo"):
+            experts += n
+        else:
+            rest += n
     # experts split over expert x tensor x fsdp; everything else over tensor x fsdp (near enough:
     # the norms are split over fsdp only, and they are a rounding error)
-    params = (experts / (ep * tp * fsdp) + rest / (tp * fsdp)) * b
+    params = experts / (ep * tp * fsdp) + rest / (tp * fsdp)
     kv_split = tp if t.num_kv_heads % tp == 0 else 1
-    cache = kv_cache.cache_bytes(cfg, batch, context, a) / (kv_split * size["context"])
+    cache = kv_cache.cache_bytes(cfg, batch, context) / (kv_split * size["context"])
     keys = context + piece if context <= DENSE_MAX_LEN else max(BLOCK, piece)
     scores = batch * (t.num_heads // tp) * piece * keys * (4 + a)
     return {"params": params, "cache": cache, "scores": scores,
@@ -199,8 +247,9 @@ def _gb(x) -> str:
 
 
 def report(r: dict) -> str:
-    lines = [f"{r['preset']} on {r['mesh']}, {r['dtype']} compute, {r['param_dtype']} params, "
-             f"batch {r['batch']}, context {r['context']}: per device (GB = 1e9 bytes)",
+    lines = [f"{r['preset']} on {r['mesh']}, {r['dtype']} compute, {_weights(r)} params, "
+             f"{r.get('kv_dtype') or r['dtype']} KV cache, batch {r['batch']}, context "
+             f"{r['context']}: per device (GB = 1e9 bytes)",
              f"  params {_gb(r['params'])}   KV cache {_gb(r['cache'])}   (shard sizes)"]
     for name in ("prefill", "decode"):
         m = r[name]
@@ -222,6 +271,11 @@ def report(r: dict) -> str:
     c = r["compile_s"]
     lines.append(f"  compiled in {c['prefill']:.0f} s (prefill) + {c['decode']:.0f} s (decode)")
     return "\n".join(lines)
+
+
+def _weights(r: dict) -> str:
+    """The weights' storage: the recipe's name, or the params dtype."""
+    return r.get("quantize") or r["param_dtype"]
 
 
 def _duration(seconds: float) -> str:
@@ -262,39 +316,51 @@ def figure(results: list[dict]):
 
 
 TABLE_DEVICES = 16  # the largest mesh of TABLE
-TABLE = [  # (preset, mesh, dtype, context); fp8 weights are left out: XLA:CPU upcasts them
-    ("scout", "tensor=8", "bfloat16", 8192),
-    ("scout", "tensor=8", "bfloat16", 131072),
-    ("scout", "tensor=8", "bfloat16", 1048576),
-    ("scout", "context=2,tensor=4", "bfloat16", 1048576),
-    ("scout", "tensor=8", "bfloat16", 10485760),
-    ("scout", "context=2,tensor=4", "bfloat16", 10485760),
-    ("scout", "context=2,tensor=8", "bfloat16", 10485760),   # 16 chips: two 8-GPU hosts
-    ("scout", "tensor=8", "float32", 131072),
-    ("scout", "expert=8", "bfloat16", 131072),
-    ("maverick", "tensor=8", "bfloat16", 8192),
-    ("maverick", "tensor=8", "bfloat16", 1048576),
-    ("maverick", "expert=4,tensor=2", "bfloat16", 131072),
-    ("maverick", "expert=8", "bfloat16", 131072),
+TABLE = [  # (preset, mesh, dtype, context, weight recipe, KV-cache dtype)
+    ("scout", "tensor=8", "bfloat16", 8192, None, None),
+    ("scout", "tensor=8", "bfloat16", 131072, None, None),
+    ("scout", "tensor=8", "bfloat16", 1048576, None, None),
+    ("scout", "context=2,tensor=4", "bfloat16", 1048576, None, None),
+    ("scout", "tensor=8", "bfloat16", 10485760, None, None),
+    ("scout", "context=2,tensor=4", "bfloat16", 10485760, None, None),
+    ("scout", "context=2,tensor=8", "bfloat16", 10485760, None, None),  # 16 chips: two hosts
+    ("scout", "tensor=8", "bfloat16", 10485760, None, "int8"),
+    ("scout", "tensor=8", "float32", 131072, None, None),
+    ("scout", "expert=8", "bfloat16", 131072, None, None),
+    ("maverick", "tensor=8", "bfloat16", 8192, None, None),
+    ("maverick", "tensor=8", "bfloat16", 1048576, None, None),
+    ("maverick", "expert=4,tensor=2", "bfloat16", 131072, None, None),
+    ("maverick", "expert=8", "bfloat16", 131072, None, None),
+]
+# Meta's deployment claims: Scout int4 on one chip (H100 80 GB, H200, TPU v5p) at 128K, 256K
+# and 1M with an 8-bit cache; Maverick fp8 on one 8-GPU host at its longest context, 1M, with an
+# 8-bit and a bf16 cache.
+QUANTIZED = [
+    ("scout", "tensor=1", "bfloat16", 131072, "int4_mixed", "int8"),
+    ("scout", "tensor=1", "bfloat16", 262144, "int4_mixed", "int8"),
+    ("scout", "tensor=1", "bfloat16", 1048576, "int4_mixed", "int8"),
+    ("maverick", "tensor=8", "bfloat16", 1048576, "fp8_mixed", "int8"),
+    ("maverick", "tensor=8", "bfloat16", 1048576, "fp8_mixed", None),
 ]
 
 
 def table(path: str, devices, batch: int):
     rows = []
     from sharding import parse_mesh
-    for preset, mesh, dtype, ctx in TABLE:
-        n = math.prod(parse_mesh(mesh).values())
-        r = plan(preset, mesh, dtype, batch, ctx, devices=devices[:n])
+    for preset, mesh, dtype, ctx, recipe, kv in TABLE + QUANTIZED:
+        r = plan(preset, mesh, dtype, batch, ctx, quantize=recipe, kv_dtype=kv,
+                 devices=devices[:math.prod(parse_mesh(mesh).values())])
         print(report(r), flush=True)
         rows.append(r)
-    head = ("| model | mesh | dtype | context | params | KV cache | prefill total | decode total "
-            f"| arithmetic | H100 80 | H200 141 | v5p 95 | prefill at {MFU:.0%} MFU |\n"
-            + "|---" * 13 + "|")
+    head = ("| model | mesh | dtype | weights | KV cache dtype | context | params | KV cache "
+            "| prefill total | decode total | arithmetic | H100 80 | H200 141 | v5p 95 "
+            f"| prefill at {MFU:.0%} MFU |\n" + "|---" * 15 + "|")
     body = []
     for r in rows:
         peak = max(r["prefill"]["total"], r["decode"]["total"])
         fit = [("yes" if peak <= HEADROOM * gb * GB else "no") for gb in DEVICES_GB.values()]
-        body.append(f"| {r['preset']} | {r['mesh']} | {r['dtype']} | {r['context']} "
+        body.append(f"| {r['preset']} | {r['mesh']} | {r['dtype']} | {_weights(r)} "
+                    f"| {r['kv_dtype'] or r['dtype']} | {r['context']} "
                     f"| {_gb(r['params'])} | {_gb(r['cache'])} | {_gb(r['prefill']['total'])} "
                     f"| {_gb(r['decode']['total'])} | {_gb(r['arithmetic']['total'])} "
                     f"| {' | '.join(fit)} | {_duration(r['prefill_s'])} |")
@@ -328,13 +394,18 @@ Made by `python -m experiments.plan --table {path}` (jax {jax.__version__}, XLA:
 - Long context: Scout has 8 KV heads, so tensor=8 already splits the cache 8 ways; the context
   axis splits it further, by positions. On one 8-chip host context=2,tensor=4 holds the same
   cache per chip and twice the weights (worse than tensor=8); it pays past 8 chips:
-  context=2,tensor=8 on two hosts halves the cache per chip. The 10M rows are bf16 weights and
-  cache: an 8-bit cache would halve the KV cache column, 8-bit weights the params column.
+  context=2,tensor=8 on two hosts halves the cache per chip. The 10M rows are bf16 weights; the
+  one with an int8 cache shows what an 8-bit cache saves (int8 values plus a scale per head_dim).
 - Meshes run the stacked layout, whose prefill temporaries on XLA:CPU hold about two of one
   block's global-layer buffers (what the layer scan reads, copied to be written after it: about
   5 GB per chip at 10M on tensor=8); the split layouts of one CPU device make no such copy.
 - expert=8 alone replicates attention, the shared experts, Maverick's dense layers and the vocab
   on every device, hence its larger params; combine it with tensor (or fsdp) for big models.
+- weights int4_mixed / fp8_mixed / int8 (model/quantization.py) and an int8 KV cache: compiled
+  as the float16 program, their arguments replaced by the quantized sizes (int4 two to a byte,
+  float32 scales included); temporaries are the float16 program's (XLA:CPU would upcast the
+  quantized stacks whole). One row: `python -m experiments.plan --preset scout --mesh tensor=1
+  --quantize int4_mixed --kv-dtype int8 --context 262144`.
 
 """ + head + "\n" + "\n".join(body) + "\n")
 
@@ -345,13 +416,17 @@ def parse_args(argv=None):
                     help="model preset (default: %(default)s)")
     ap.add_argument("--mesh", default="tensor=8",
                     help="mesh axes and sizes, e.g. expert=4,tensor=2; axes data, fsdp, expert, "
-                         "tensor (default: %(default)s)")
+                         "context, tensor (default: %(default)s)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                     help="compute dtype (default: %(default)s)")
     ap.add_argument("--param-dtype", choices=("bfloat16", "float32"),
                     help="the weights' dtype (default: --dtype)")
     ap.add_argument("--rules", default="combined", choices=cli.STRATEGIES,
                     help="sharding strategy (default: %(default)s)")
+    ap.add_argument("--quantize", choices=("int8", "int4_mixed", "fp8_mixed"),
+                    help="weights quantized by a recipe of model/quantization.py")
+    ap.add_argument("--kv-dtype", choices=("int8", "fp8"),
+                    help="an 8-bit KV cache (default: the compute dtype)")
     ap.add_argument("--batch", type=int, default=1, help="rows (default: %(default)s)")
     ap.add_argument("--context", type=int, default=131072,
                     help="KV-cache positions (default: %(default)s)")
@@ -377,7 +452,8 @@ def main(argv=None):
             return table(args.table, devices, args.batch)
         print(report(plan(args.preset, args.mesh, args.dtype, args.batch, args.context,
                           param_dtype=args.param_dtype, rules=args.rules,
-                          prefill_chunk=args.prefill_chunk, devices=devices, announce=True)))
+                          prefill_chunk=args.prefill_chunk, devices=devices, announce=True,
+                          quantize=args.quantize, kv_dtype=args.kv_dtype)))
     except (ShardingError, ConfigError) as e:
         sys.exit(f"error: {e}")
 

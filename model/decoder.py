@@ -14,6 +14,7 @@ from . import kv_cache
 from .attention import Attention
 from .config import Config, LayerSpec
 from .kernels import views
+from .kernels.quantized import dense
 from .layers import MLP, REMAT_POLICIES, RMSNorm, param
 from .moe import MoE
 from .runtime import Runtime
@@ -77,7 +78,7 @@ class LMHead(nn.Module):
     def __call__(self, x):  # [B, T, D] -> [B, T, V]
         t = self.cfg.text
         kernel = param(self, "kernel", (t.hidden_size, t.vocab_size), ("embed", "vocab"))
-        return jnp.einsum("BTD,DV->BTV", x, kernel.astype(x.dtype))
+        return jnp.einsum("BTD,DV->BTV", x, dense(kernel, x.dtype))
 
 
 class Decoder(nn.Module):

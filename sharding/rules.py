@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import model
 from model import kv_cache
 from model.config import Config
+from model.quantization import child_axes, is_quantized
 from model.decoder import ACTIVATION
 
 from . import context
@@ -221,8 +222,16 @@ class Plan:
 
     def cache_shardings(self, cache):
         """Shardings for a KV cache tree (model.kv_cache layout) of arrays or shape structs."""
-        return {name: {n: self.sharding(kv_cache.AXES[n], a.shape, f"cache {name}/{n}")
+        return {name: {n: self.leaf_sharding(kv_cache.AXES[n], a, f"cache {name}/{n}")
                        for n, a in layer.items()} for name, layer in cache.items()}
+
+    def leaf_sharding(self, logical, a, what: str = "array"):
+        """The sharding of array `a`; of a quantized one (an 8-bit cache buffer, a QArray) a
+        QArray of its qvalue's and scale's (child_sharding)."""
+        s = self.sharding(logical, a.shape, what)
+        if is_quantized(a):
+            return jax.tree.map(lambda c: child_sharding(s, a.shape, c.shape), a)
+        return s
 
     def init_cache(self, cfg: Config, batch: int, max_len: int, dtype=None):
         """An empty KV cache created in place on the mesh (no device holds all of it)."""
@@ -256,13 +265,26 @@ def shard_params(cfg: Config, params, mesh: Mesh, rules="combined"):
         extra = sorted(set(params) - set(shardings))
         if extra:
             raise ShardingError(f"params hold {extra}, which this config does not declare")
-    return jax.tree.map(_put, params, shardings)
+    return jax.tree.map(_put_leaf, params, shardings, is_leaf=is_quantized)
 
 
 def place(cfg: Config, params, batch: int, seq: int, mesh: Mesh, rules="combined"):
     """(plan, params placed) for `batch` rows of `seq` positions on `mesh` (params already placed
     so stay where they are): what model.forward and model.generate run a mesh with."""
     return make_plan(cfg, mesh, rules, batch, seq), shard_params(cfg, params, mesh, rules)
+
+
+def child_sharding(sharding: NamedSharding, full, child) -> NamedSharding:
+    """A quantized leaf's qvalue or scale (shape `child`) placed as its weight (shape `full`):
+    the same split, but none on the axes the scale reduces to size 1."""
+    return NamedSharding(sharding.mesh, P(*child_axes(sharding.spec, full, child)))
+
+
+def _put_leaf(x, sharding: NamedSharding):
+    """_put, for a quantized leaf (a QArray) its qvalue and scale: sharded with their weight."""
+    if is_quantized(x):
+        return jax.tree.map(lambda c: _put(c, child_sharding(sharding, x.shape, c.shape)), x)
+    return _put(x, sharding)
 
 
 def _put(x, sharding: NamedSharding):

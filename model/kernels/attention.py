@@ -7,6 +7,9 @@
   their chunks into the batch, so no T x T buffer exists for them.
 - with a cache: masks from the absolute positions each slot holds (-1: empty), the cache read in
   blocks of `block` slots with an online softmax once it is longer than `dense_max_len` slots.
+  A quantized cache (model/kv_cache.py) is dequantized where it is read: the whole buffer, or
+  each block of slots; new keys and values are attended as the cache holds them (quantized and
+  dequantized), as the split layouts of decoding, which write them before reading, see them.
 """
 from __future__ import annotations
 
@@ -15,7 +18,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from qwix import QArray
+
 from .. import kv_cache
+from ..quantization import quantize_kv
+from .quantized import dense
 
 # Up to this many keys attention is one masked softmax (fastest on CPU); beyond, blocks of BLOCK.
 DENSE_MAX_LEN = 2048
@@ -42,7 +49,9 @@ def attend(q, k, v, positions, cache, chunk: int | None, rt):
     if rt.writes_cache_first(chunk is not None):
         new = kv_cache.write_layer(cache, k, v, positions)
         return cached_attention(q, None, None, positions, new, chunk, **kw), new
-    out = cached_attention(q, k, v, positions, cache, chunk, fresh=rt.cache_empty, **kw)
+    seen = [dense(quantize_kv(a, cache[n]), a.dtype) if isinstance(cache[n], QArray) else a
+            for n, a in (("k", k), ("v", v))]
+    out = cached_attention(q, *seen, positions, cache, chunk, fresh=rt.cache_empty, **kw)
     return out, {"k": k, "v": v}
 
 
@@ -155,7 +164,7 @@ def cache_state(qg, q_pos, layer_cache, chunk: int | None, *, dense_max_len: int
     if S > dense_max_len:
         return _cache_blocks(qg, q_pos, layer_cache, chunk, min(block, S))
     B, T, K, G, H = qg.shape
-    k, v = (layer_cache[n].astype(qg.dtype) for n in ("k", "v"))
+    k, v = (dense(layer_cache[n], qg.dtype) for n in ("k", "v"))
     return _online_softmax(_empty_softmax_state(B, K, G, T, H),
                            _cached_scores(qg, q_pos, k, layer_cache["pos"], chunk),
                            lambda p: _weighted_values(p, v))
@@ -224,8 +233,8 @@ def _cache_blocks(qg, q_pos, layer_cache, chunk: int | None, block: int):
         # The last block is moved back to end at slot S; the slots it shares with the block
         # before are masked as empty, so that no key counts twice.
         start = jnp.minimum(j * block, S - block)
-        k, v = (jax.lax.dynamic_slice_in_dim(layer_cache[n], start, block, axis=2).astype(qg.dtype)
-                for n in ("k", "v"))
+        k, v = (dense(jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, block, axis=2),
+                                   layer_cache[n]), qg.dtype) for n in ("k", "v"))
         pos = jax.lax.dynamic_slice_in_dim(layer_cache["pos"], start, block, axis=1)
         pos = jnp.where(start + jnp.arange(block) >= j * block, pos, -1)
         s = _cached_scores(qg, q_pos, k, pos, chunk)
