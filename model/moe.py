@@ -15,6 +15,7 @@ import flax.linen as nn
 
 from .config import Config
 from .kernels import experts
+from .kernels.quantized import dense
 from .layers import MLP, param
 from .runtime import Runtime
 
@@ -36,14 +37,14 @@ class MoE(nn.Module):
         B, T, _ = x.shape
         xt = x.reshape(B * T, D)
         router = param(self, "router", (D, E), ("embed", "experts"))
-        logits = jnp.einsum("TD,DE->TE", xt, router.astype(dt))
+        logits = jnp.einsum("TD,DE->TE", xt, dense(router, dt))
         top_logits, top_ids = jax.lax.top_k(logits, k)                      # [T, k]
         scores = jax.nn.sigmoid(top_logits.astype(jnp.float32)).astype(dt)
         # Router statistics for the load-balancing loss and per-expert load (training reads them).
         self.sow("intermediates", "router_logits", logits)
-        weights = tuple(
-            param(self, name, (E, *(size[a] for a in axes)), ("experts", *axes)).astype(dt)
-            for name, axes in EXPERT_AXES.items())
+        # As stored: the kernel casts (or dequantizes) only the experts it reads.
+        weights = tuple(param(self, name, (E, *(size[a] for a in axes)), ("experts", *axes))
+                        for name, axes in EXPERT_AXES.items())
         # Llama 4's router score multiplies the expert's input, not its output (SwiGLU is not
         # homogeneous, so the two differ): one scaled copy of x per (token, chosen expert).
         xs = (xt[:, None, :] * scores[..., None]).reshape(B * T * k, D)     # [M, D]

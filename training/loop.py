@@ -20,8 +20,6 @@ from typing import Callable
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
-
 import model
 from model.config import Config
 import sharding
@@ -29,6 +27,7 @@ import sharding
 from . import memory
 from .checkpoint import Checkpointer, ResumeError, check_resumable, model_record
 from .data import Rows
+from .progress import Progress
 from .settings import SettingsError, require_int
 from .objectives import SFT
 from .step import OptimConfig, init_state, make_optimizer, make_train_step
@@ -46,6 +45,7 @@ class RunConfig:
     stop_at: int | None = None  # stop (and save) after this step; the schedule still runs to steps
     async_save: bool = True
     progress: bool = True
+    log_every: int | None = None  # off a terminal, a progress line every this many steps
     mesh: str | None = None    # e.g. "data=2,fsdp=4": train sharded over these devices (sharding/)
     rules: str = "combined"    # the sharding strategy's rules (sharding.rules)
 
@@ -53,6 +53,7 @@ class RunConfig:
         for field in ("batch", "seq", "save_every", "keep"):  # keep 0 would delete the final state
             require_int(self, field, 1)
         require_int(self, "stop_at", 1, optional=True)
+        require_int(self, "log_every", 1, optional=True)
         require_int(self, "seed", 0)
 
 
@@ -160,29 +161,33 @@ def state_shardings(abstract_state, param_shardings, mesh):
 
 def train(cfg: Config, make_params: Callable[[], dict], rows: Rows, run: RunConfig,
           optim: OptimConfig, data_info: dict | None = None, tokenizer=None,
-          on_step: Callable[[dict], None] | None = None, objective=None):
+          on_step: Callable[[dict], None] | None = None,
+          on_start: Callable[[str], None] | None = None, objective=None):
     """Train to `optim.steps`, resuming from run.out's latest checkpoint when run.resume.
     `make_params()` is called only when starting fresh; `tokenizer` (a model.tokenizer.Tokenizer)
-    is saved as OUT/tokenizer.json. `objective` (training.objectives; SFT by default) says what
-    `rows` are and what the step minimises. Returns (state, metrics of this call)."""
+    is saved as OUT/tokenizer.json; `on_start(OUT)` is called once OUT is known to be this run's,
+    before the first step (experiments.train copies its --init's non-weight files there).
+    `objective` (training.objectives; SFT by default) says what `rows` are and what the step
+    minimises. Returns (state, metrics of this call)."""
     objective = objective or SFT()
     check_run(cfg, run)
     plan = None
     if run.mesh is not None:  # a bad mesh or rules fail here, before anything is written
-        plan = sharding.make_plan(cfg, sharding.make_mesh(run.mesh), run.rules, batch=run.batch)
+        plan = sharding.make_plan(cfg, sharding.make_mesh(run.mesh), run.rules, batch=run.batch,
+                                  seq=run.seq)
     memory.check_estimate(cfg, run.batch * objective.rows_per_item, run.seq,
                           1 if plan is None else plan.mesh.size)
     os.makedirs(run.out, exist_ok=True)
     ckpt = Checkpointer(run.out, run.save_every, run.keep, run.async_save)
     try:
         return _train(cfg, make_params, rows, run, optim, data_info or {}, tokenizer, on_step,
-                      ckpt, plan, objective)
+                      on_start, ckpt, plan, objective)
     finally:
         ckpt.close()
 
 
-def _train(cfg: Config, make_params, rows, run, optim, data_info, tokenizer, on_step, ckpt, plan,
-           objective):
+def _train(cfg: Config, make_params, rows, run, optim, data_info, tokenizer, on_step, on_start,
+           ckpt, plan, objective):
     opt = make_optimizer(optim)
     meta = model_record(cfg) | {
         "data": {"fingerprint": rows.fingerprint(), "rows": len(rows), "seq_len": run.seq,
@@ -207,11 +212,16 @@ def _train(cfg: Config, make_params, rows, run, optim, data_info, tokenizer, on_
         _truncate_metrics(run, latest)
         print(f"resuming {run.out} from step {latest}", file=sys.stderr)
     else:
+        if run.resume:
+            print(f"{run.out} holds no checkpoint to resume from: starting from scratch",
+                  file=sys.stderr)
         if os.path.exists(_metrics_path(run)):
             os.remove(_metrics_path(run))
         state = init_state(make_params(), opt, run.seed)
         if shardings is not None:
             state = jax.device_put(state, shardings)
+    if on_start is not None:
+        on_start(run.out)
     if tokenizer is not None:
         tokenizer.tk.save(os.path.join(run.out, "tokenizer.json"))
     start = int(state["step"])
@@ -221,9 +231,13 @@ def _train(cfg: Config, make_params, rows, run, optim, data_info, tokenizer, on_
     if latest is not None:
         source.restore(saved)
     frozen = _place_frozen(objective, plan)
+    print(f"compiling the train step ({run.batch} x {run.seq} tokens)...", file=sys.stderr,
+          flush=True)
+    t0 = time.perf_counter()
     step_fn = make_train_step(cfg, optim, plan=plan, state_shardings=shardings,
                               objective=objective).lower(
         abstract, _abstract_batch(source, plan), frozen).compile()
+    print(f"compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     def put(batch):  # one device, or split over the mesh's batch axes
         if plan is None:
@@ -231,8 +245,8 @@ def _train(cfg: Config, make_params, rows, run, optim, data_info, tokenizer, on_
         return {k: plan.put(v, _batch_axes(np.ndim(v))) for k, v in batch.items()}
     memory.check_compiled(step_fn, run.batch, run.seq)
     history = []
-    bar = tqdm(total=optim.steps, initial=start, disable=not run.progress, unit="step",
-               dynamic_ncols=True)
+    bar = Progress(optim.steps, start, run.progress, run.log_every,
+                   cfg.text.num_experts if cfg.text.moe_layers else 0, tokenizer)
     tokens_per_step = run.batch * objective.rows_per_item * run.seq
     with open(_metrics_path(run), "a") as log:
         for s in range(start, end):
@@ -250,12 +264,7 @@ def _train(cfg: Config, make_params, rows, run, optim, data_info, tokenizer, on_
             log.write(json.dumps(rec) + "\n")
             log.flush()
             history.append(rec)
-            post = {"loss": f"{rec.get('ce', rec['loss']):.3f}",
-                    "tok/s": f"{rec['tokens_per_s']:,.0f}"}
-            if "load" in m:  # 1.0 = perfectly balanced experts
-                post["max_load"] = f"{float(np.max(m['load'])) * cfg.text.num_experts:.2f}"
-            bar.set_postfix(post, refresh=False)
-            bar.update(1)
+            bar.update(rec, m.get("load"))
             ckpt.save(s + 1, state, meta | {"step": s + 1, **source.position(s + 1)})
             if on_step is not None:
                 on_step(rec)

@@ -30,7 +30,7 @@ def score_tokens(cfg: Config, params, tokens: np.ndarray, batch: int, mesh=None,
     """log p(tokens[:, 1:]) [R, T] (numpy, fp32) for tokens [R, T + 1], `batch` rows at a time
     (the last piece padded with copies of its first row, so one program serves every piece).
     With a `mesh` the model runs split over it (params placed there unless already)."""
-    placement, params = model.runtime.place(cfg, params, batch, mesh, rules)
+    placement, params = model.runtime.place(cfg, params, batch, tokens.shape[1] - 1, mesh, rules)
     rt = model.resolve(cfg, "train", placement)
     out = []
     for s in range(0, len(tokens), batch):

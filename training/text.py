@@ -10,6 +10,7 @@ learns to answer and to stop, not to imitate the user.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -47,6 +48,16 @@ def byte_tokenizer():
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens([AddedToken(SPECIAL[n], special=True) for n in BYTE_SPECIALS])
     return Tokenizer(tk)
+
+
+def is_byte_tokenizer(tok) -> bool:
+    """Whether `tok` is `byte_tokenizer()` (one token a byte: a loss per token is per byte)."""
+    return tok.tk.get_vocab(with_added_tokens=True) == _byte_vocab()
+
+
+@functools.cache
+def _byte_vocab() -> dict[str, int]:
+    return byte_tokenizer().tk.get_vocab(with_added_tokens=True)
 
 
 def load_tokenizer(path: str | None):
