@@ -10,7 +10,7 @@ import argparse
 import sys
 
 PRESETS = ("behemoth", "maverick", "scout", "tiny")
-STRATEGIES = ("combined", "expert", "fsdp", "tensor")
+STRATEGIES = ("combined", "context", "expert", "fsdp", "tensor")
 
 
 class _Parser(argparse.ArgumentParser):
