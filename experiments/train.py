@@ -5,6 +5,9 @@
     python -m experiments.train ... --resume          # continue runs/x from its latest checkpoint
     python -m experiments.train ... --mesh data=2,fsdp=4          # sharded over 8 devices
     python -m experiments.train ... --mesh data=2,fsdp=4 --devices 8     # on a CPU machine
+    python -m experiments.train --objective dpo --init CKPT --data pairs.jsonl --out runs/dpo
+    python -m experiments.train --objective distill --teacher CKPT --data FILES --out runs/kd
+    python -m experiments.train --objective grpo --init CKPT --data tasks.jsonl --out runs/rl
 
 Data: plain-text files (a directory stands for its *.py files), packed into rows; or .jsonl chat
 records ({"messages": [{"role", "content"}, ...]}), scored on the assistant turns only.
@@ -19,6 +22,10 @@ nats per token; max_load is the busiest expert's share of the routed tokens time
 experts (1.00: balanced). With --mesh the params and Adam's moments are split as the sharding
 rules say and the batch over the data axes; a run can resume on another mesh. On a CPU machine,
 --devices N simulates the N devices of a mesh.
+--objective picks what is trained (training/objectives.py): sft (the default, above); dpo on
+preference pairs ({"prompt", "chosen", "rejected"} per line); distill from a --teacher on SFT's
+data; grpo on verifiable tasks ({"prompt", "answer"} per line, experiments/make_tasks.py). The
+README gives each format with an example.
 """
 from __future__ import annotations
 
@@ -28,6 +35,8 @@ import sys
 from experiments import cli
 
 # JAX and the packages over it are imported once the arguments are parsed (experiments/cli.py).
+
+from experiments import train_objectives
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -120,6 +129,7 @@ def build_parser():
     ap.add_argument("--rules", default="combined", choices=cli.STRATEGIES,
                     help="with --mesh: the sharding strategy (default: combined)")
     cli.add_devices(ap)
+    train_objectives.add_arguments(ap)
     return ap
 
 
@@ -150,7 +160,13 @@ def run(args):
                         stop_at=args.stop_at, async_save=not args.no_async,
                         progress=not args.no_progress, log_every=args.log_every, mesh=args.mesh,
                         rules=args.rules)
+    train_objectives.check(args)
     tok_path, init_files = init_tokenizer(args)
+    if args.init is None and args.tokenizer is None and args.teacher:
+        # a teacher's tokenizer serves a student from scratch
+        from checkpoints import sources
+        teacher_tok = sources.asset_dir(args.teacher) / "tokenizer.json"
+        tok_path = str(teacher_tok) if teacher_tok.is_file() else None
     tok = load_tokenizer(tok_path)
     if args.init:
         if args.set:
@@ -172,12 +188,13 @@ def run(args):
         raise DataError(f"the tokenizer has {tok.vocab_size} tokens, the model only "
                         f"{cfg.text.vocab_size}")
     training.check_run(cfg, run_cfg)
+    objective = train_objectives.build(
+        args, cfg, params if args.init else None, tok,
+        lambda path: _frozen_model(load_init(path), dtype))
 
-    docs, kind = training.read_documents(tok, expand_paths(args.data))
-    rows = training.pack(docs, kind, args.seq, tok.special.get("pad", 0))
-    n_targets = int(rows.weights.sum())
-    print(f"data: {len(docs)} {kind} documents -> {len(rows)} rows of {args.seq + 1} tokens, "
-          f"{n_targets:,} targets; model: {model.config.param_count(cfg)['text'] / 1e6:.2f}M "
+    data, kind, summary = objective.read_data(tok, expand_paths(args.data), args.seq,
+                                              tok.special.get("pad", 0))
+    print(f"data: {summary}; model: {model.config.param_count(cfg)['text'] / 1e6:.2f}M "
           f"parameters, {jax.default_backend()} {dtype}", file=sys.stderr)
     info = {"kind": kind, "tokenizer": tok_path or "bytes"}
 
@@ -185,9 +202,15 @@ def run(args):
         from checkpoints import assets
         for where, names in init_files:
             assets.copy(where, out, names)
-    state, history = training.train(cfg, make_params, rows, run_cfg, optim, info, tokenizer=tok,
-                                    on_start=copy_files)
+    state, history = training.train(cfg, make_params, data, run_cfg, optim, info, tokenizer=tok,
+                                    on_start=copy_files, objective=objective)
     return tok, history
+
+
+def _frozen_model(loaded, dtype: str):
+    """A reference or teacher as the run computes: its config in this run's compute dtype."""
+    cfg, params = loaded
+    return cfg.replace(dtype=dtype), params
 
 
 def main(argv=None):
@@ -207,8 +230,9 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if history:
         last = history[-1]
-        print(f"step {last['step']}: loss {loss_text(last['ce'], tok)}, "
-              f"{last['tokens_per_s']:,.0f} tokens/s; checkpoints in {args.out}", file=sys.stderr)
+        loss = loss_text(last["ce"], tok) if "ce" in last else f"{last['loss']:.4f}"
+        print(f"step {last['step']}: loss {loss}, {last['tokens_per_s']:,.0f} tokens/s; "
+              f"checkpoints in {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ class ResumeError(ValueError):
     """A checkpoint directory that does not belong to this run; the message names the difference."""
 
 
-# Meta entries that may differ on resume: compute settings (dtype, remat) and the position.
-_MAY_CHANGE = ("compute", "step", "rows_consumed")
+# Meta entries that may differ on resume: compute settings (dtype, remat) and the position
+# (of the data order, or of GRPO's prompt sampler: training.grpo).
+_MAY_CHANGE = ("compute", "step", "rows_consumed", "sampler")
 
 
 def _one_device():

@@ -41,7 +41,9 @@ class Progress:
                   f"experts (1.00: balanced, {num_experts}: all on one)", file=self.stream)
 
     def _fields(self, rec: dict, load) -> dict[str, str]:
-        out = {"loss": loss_text(rec["ce"], self.tokenizer),
+        # the data's loss where the objective has one (sft, distill), else the objective's own
+        out = {"loss": loss_text(rec["ce"], self.tokenizer) if "ce" in rec else
+                       f"{rec['loss']:.4f}",
                "tok/s": f"{rec['tokens_per_s']:,.0f}"}
         if load is not None:
             out["max_load"] = f"{float(load.max()) * self.num_experts:.2f}"
