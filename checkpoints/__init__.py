@@ -1,122 +1,38 @@
 """Checkpoints: the HF key table, HF <-> params conversion, Orbax save and restore.
 
-    cfg, params = checkpoints.load(path)     # an HF directory or one of our Orbax directories
+    cfg, params = checkpoints.load(path)     # an HF directory, one of our Orbax directories,
+                                             # or a training run (its latest step) or one step
     checkpoints.save(path, cfg, params)      # in-memory params -> Orbax directory
     checkpoints.save_hf(path, cfg, params)   # in-memory params -> HF directory
-    python -m checkpoints.convert SRC DST [--dtype bfloat16] [--to hf]
+    python -m checkpoints.convert SRC DST [--dtype bfloat16] [--to hf] [--quantize RECIPE]
 
 Parameter tree names (a public format, kept by Orbax checkpoints) are listed by
-`param_shapes(cfg)`; the HF names they come from are in `checkpoints.keys`.
+`param_shapes(cfg)`; the HF names they come from are in `checkpoints.keys`. Quantized
+checkpoints (a recipe of model/quantization.py, or Meta's FP8 checkpoints) load as they are
+stored: their quantized leaves are qwix QArrays, which model.forward / model.generate and
+sharding/ take as they are.
+Conversions carry the tokenizer and the other non-weight files (`checkpoints.assets`).
+
+The names below are imported on first use, so that `python -m checkpoints.convert --help` answers
+before JAX and Orbax are loaded.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import importlib
 
-import jax
-import numpy as np
-from flax import traverse_util
+from checkpoints.errors import CheckpointError
 
-from checkpoints import hf, integrity, orbax_io
-from checkpoints import keys as K
-from checkpoints.conversion import (SLAB_BYTES, NonFinite, hf_to_orbax, open_orbax, orbax_to_hf,
-                                    write_orbax)
-from checkpoints.errors import CheckpointError, staged_dir
-from checkpoints.keys import param_shapes
-from model.config import Config
+_LAZY = {"load": "loading", "save": "loading", "save_hf": "loading", "param_shapes": "keys",
+         "hf_to_orbax": "conversion", "orbax_to_hf": "conversion"}
+_SUBMODULES = ("assets", "conversion", "errors", "hf", "integrity", "keys", "loading",
+               "orbax_io", "runs", "sources")
 
-__all__ = ["CheckpointError", "load", "save", "save_hf", "param_shapes", "hf_to_orbax",
-           "orbax_to_hf"]
+__all__ = ["CheckpointError", *_LAZY]
 
 
-def load(path, dtype=None, shardings=None, verify: bool = True) -> tuple[Config, dict]:
-    """(config, params) from an HF directory or an Orbax directory written by this package.
-
-    Leaves are jax.Arrays in the stored dtype unless `dtype` is given; cfg.param_dtype says which.
-    `shardings` (one Sharding, a tree of them shaped like params, or a function of the config
-    returning either, e.g. `lambda cfg: sharding.param_shardings(cfg, mesh)`) places each leaf
-    as it is read; from Orbax each host then reads only its own shards.
-    An Orbax directory is held against its integrity record (integrity.json): every array read
-    is hashed (in one process, in the stored dtype: the values just read; otherwise the stored
-    bytes, read again, all of them on each host). `verify=False` skips that, for speed, on a
-    checkpoint you trust. HF tensors holding NaN or inf are named in a warning.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist")
-    if orbax_io.is_orbax_dir(path):
-        cfg, _, stored, stores, meta = open_orbax(path, verify=False)  # checked once read, below
-        dtype = np.dtype(dtype) if dtype is not None else stored
-        shapes = param_shapes(cfg)
-        try:
-            params = orbax_io.restore(path / orbax_io.PARAMS, shapes, dtype,
-                                      _placement(shardings, shapes, cfg))
-        except Exception as e:  # noqa: BLE001 (Orbax wraps TensorStore's error in a bare Exception)
-            cause = orbax_io.read_error(e)
-            if cause is None:
-                raise
-            raise CheckpointError(f"{path}: cannot read the parameters "
-                                  f"({orbax_io.reason(cause)})") from None
-        if verify:  # hashing what was just read, where this process holds it in the stored dtype
-            read = traverse_util.flatten_dict(params) if (
-                dtype == stored and jax.process_count() == 1) else None
-            integrity.verify(path, meta, stores, read)
-    else:
-        ckpt = hf.HFCheckpoint(path)
-        cfg, hf_keys = ckpt.cfg, K.hf_keys(ckpt.cfg, ckpt.layout)
-        ckpt.check(hf_keys)
-        dtype = np.dtype(dtype) if dtype is not None else ckpt.dtype()
-        flat = {p: np.empty(s, dtype) for p, s in param_shapes(cfg).items()}
-        read = NonFinite(ckpt.read)
-        for p, idx, y in K.ours_slabs(hf_keys, read, SLAB_BYTES):
-            flat[p][idx] = y
-        read.warn(path)
-        place = _placement(shardings, flat, cfg)
-        # pop: each host copy is freed as soon as its leaf is on the device
-        params = {p: jax.device_put(flat.pop(p), place[p]) for p in list(flat)}
-        params = traverse_util.unflatten_dict(params)
-    return cfg.replace(param_dtype=dtype.name), params
-
-
-def _placement(shardings, flat: dict, cfg: Config) -> dict:
-    """Flat {leaf path: Sharding}; the first device when none is asked for."""
-    if callable(shardings):
-        shardings = shardings(cfg)
-    if shardings is None:
-        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    if isinstance(shardings, jax.sharding.Sharding):
-        return {p: shardings for p in flat}
-    return traverse_util.flatten_dict(shardings)
-
-
-def _check_params(cfg: Config, params) -> np.dtype:
-    """The one dtype of `params`, after checking its leaves against the config."""
-    flat = traverse_util.flatten_dict(params)
-    K.check({"/".join(p): s for p, s in param_shapes(cfg).items()},
-            {"/".join(p): tuple(x.shape) for p, x in flat.items()}, "params")
-    dtypes = {np.dtype(x.dtype) for x in flat.values()}
-    if len(dtypes) != 1:
-        raise CheckpointError(f"params mix dtypes {sorted(d.name for d in dtypes)}; "
-                              "cast them to one first")
-    return dtypes.pop()
-
-
-def _default_layout(cfg: Config) -> str:
-    return "conditional_generation" if cfg.vision is not None else "causal_lm"
-
-
-def save(path, cfg: Config, params, layout: str | None = None):
-    """Write in-memory `params` as a new Orbax directory; `layout` is the HF layout to convert
-    back to (default: the one HF uses for this kind of model)."""
-    dtype = _check_params(cfg, params)
-    write_orbax(Path(path), cfg, layout or _default_layout(cfg), dtype,
-                lambda directory: orbax_io.save(directory, params))
-
-
-def save_hf(path, cfg: Config, params, layout: str | None = None, *,
-            max_shard_bytes: int = hf.MAX_SHARD_BYTES):
-    """Write in-memory `params` as a new HF directory (config.json + safetensors)."""
-    dtype = _check_params(cfg, params)
-    flat = {p: np.asarray(x) for p, x in traverse_util.flatten_dict(params).items()}
-    with staged_dir(path) as tmp:
-        hf.write(tmp, cfg, layout or _default_layout(cfg), lambda p, idx: flat[p][idx], dtype,
-                 slab_bytes=SLAB_BYTES, max_shard_bytes=max_shard_bytes)
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"checkpoints.{_LAZY[name]}"), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"checkpoints.{name}")
+    raise AttributeError(f"module 'checkpoints' has no attribute {name!r}")

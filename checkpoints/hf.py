@@ -2,7 +2,8 @@
 
 Reading never loads a file: headers give every tensor's dtype and shape, and each slab of rows is
 read through a memory map opened for that read alone, so a converter's resident memory is one
-slab, not the mapped files. Writing is our own few lines of the safetensors format (an 8-byte
+slab, not the mapped files. float8 tensors (Meta's FP8 checkpoints, checkpoints/fp8.py), which
+safetensors' numpy reader cannot name, are mapped at the offsets their header gives. Writing is our own few lines of the safetensors format (an 8-byte
 header length, a JSON header, raw little-endian data) so that a tensor streams to disk slab by slab
 instead of a whole shard being built in memory first.
 """
@@ -18,13 +19,15 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from checkpoints import fp8
 from checkpoints import keys as K
 from checkpoints.errors import CheckpointError
 from model.config import Config, ConfigError, from_hf, to_hf
 
 DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-          "BF16": np.dtype(ml_dtypes.bfloat16)}
+          "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn)}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOATS = ("F32", "F16", "BF16")  # what every tensor but an fp8 checkpoint's quantized weights is
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 10**9  # what HF's save_pretrained used for years
@@ -45,8 +48,14 @@ def read_json(path: Path) -> dict:
 
 
 def read_config(path: Path) -> Config:
+    return read_quantized_config(path)[0]
+
+
+def read_quantized_config(path: Path) -> tuple[Config, dict | None]:
+    """(config, its quantization_config: Meta's FP8 layout, or None)."""
+    d, quantization = fp8.split_config(read_json(path), str(path))
     try:
-        return from_hf(read_json(path), where=str(path))
+        return from_hf(d, where=str(path)), quantization
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
 
@@ -61,9 +70,10 @@ class HFCheckpoint:
         if not is_hf_dir(self.path):
             raise CheckpointError(f"{self.path} is not an HF checkpoint directory (it needs "
                                   f"config.json and {SINGLE} or {INDEX})")
-        self.cfg = read_config(self.path / "config.json")
+        self.cfg, quantization = read_quantized_config(self.path / "config.json")
         # name -> (file, dtype name, shape)
         self.tensors: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+        self._offsets: dict[str, int] = {}  # where the data of each float8 tensor starts
         files = self._files()
         for file in sorted(set(files.values())):
             self._read_header(file)
@@ -72,6 +82,28 @@ class HFCheckpoint:
                 raise CheckpointError(f"{self.path / INDEX} lists {name} in {file.name}, "
                                       "which does not hold it")
         self.layout = K.detect_layout(self.tensors)
+        # Meta's FP8 layout: the MoE layers whose experts are fp8 on disk; None: unquantized
+        self.fp8_layers = fp8.fp8_layers(self.tensors) if quantization is not None else None
+        if quantization is None and fp8.has_scales(self.tensors):
+            raise CheckpointError(f"{self.path}: tensors have weight_scales but config.json has "
+                                  "no quantization_config")
+        if quantization is not None and not self.fp8_layers:
+            raise CheckpointError(f"{self.path}: config.json has a quantization_config but no "
+                                  "routed expert is stored in fp8 with a weight_scale")
+
+    @property
+    def fp8(self) -> bool:
+        return self.fp8_layers is not None
+
+    def keys(self) -> list[K.Key]:
+        """The HF tensors this checkpoint's config and layout imply (K.hf_keys)."""
+        return K.hf_keys(self.cfg, self.layout, self.fp8_layers)
+
+    def unquantized_moe_layers(self) -> list[int]:
+        """The MoE layers of an fp8 checkpoint whose experts are stored in bf16 (quantized to
+        fp8 as they load: checkpoints/fp8.py)."""
+        return [i for i, s in enumerate(self.cfg.text.layer_specs)
+                if self.fp8 and s.moe and i not in self.fp8_layers]
 
     def _files(self) -> dict[str | None, Path]:
         """Tensor name -> file, from the index; {None: model.safetensors} without one."""
@@ -100,17 +132,27 @@ class HFCheckpoint:
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file} is not a readable safetensors file "
                                   f"({str(e).splitlines()[0]})") from None
+        if any(d == fp8.FP8_DTYPE for f, d, _ in self.tensors.values() if f == file):
+            with open(file, "rb") as f:  # the header, already validated by safetensors above
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+            self._offsets |= {name: 8 + n + h["data_offsets"][0] for name, h in header.items()
+                              if name != "__metadata__" and h["dtype"] == fp8.FP8_DTYPE}
 
     def check(self, hf_keys: list[K.Key]):
-        """Every tensor that is missing, unexpected, misshapen or not a float, at once."""
-        odd = sorted(f"{n} ({d})" for n, (_, d, _) in self.tensors.items() if d not in DTYPES)
+        """Every tensor that is missing, unexpected, misshapen or not a float, at once (fp8 for
+        the quantized weights of an fp8 checkpoint, F32, F16 or BF16 for the rest)."""
+        qvalues = {k.hf for k in hf_keys if k.ours[0][-1] == "qvalue"}
+        odd = sorted(f"{n} ({d})" for n, (_, d, _) in self.tensors.items()
+                     if ((d != fp8.FP8_DTYPE) if n in qvalues else (d not in FLOATS)))
         K.check({k.hf: k.hf_shape for k in hf_keys},
                 {n: s for n, (_, _, s) in self.tensors.items()}, str(self.path),
-                also=(("of a dtype other than F32, F16, BF16", odd),))
+                also=(("of a dtype other than F32, F16, BF16 (F8_E4M3 for fp8 weights)", odd),))
 
     def dtype(self) -> np.dtype:
-        """The one dtype the tensors are stored in (published checkpoints are all bf16)."""
-        found = {d for _, d, _ in self.tensors.values()}
+        """The one dtype the unquantized tensors are stored in (published checkpoints: bf16)."""
+        found = {d for n, (_, d, _) in self.tensors.items()
+                 if d != fp8.FP8_DTYPE and not n.endswith(fp8.SCALE_SUFFIX)}
         if len(found) != 1:
             raise CheckpointError(f"{self.path} mixes dtypes {sorted(found)}; pass a dtype to "
                                   "convert them to")
@@ -119,7 +161,11 @@ class HFCheckpoint:
     def read(self, name: str, rows: slice) -> np.ndarray:
         """Rows of one tensor. The file is mapped for this read only: its pages leave our
         resident set as soon as the slab has been copied out."""
-        with safe_open(self.tensors[name][0], framework="numpy") as f:
+        file, dtype, shape = self.tensors[name]
+        if name in self._offsets:
+            data = np.memmap(file, DTYPES[dtype], "r", self._offsets[name], shape)
+            return np.array(data[rows])
+        with safe_open(file, framework="numpy") as f:
             return f.get_slice(name)[rows]
 
 

@@ -6,7 +6,10 @@ rows into one `Key` per HF tensor of a concrete checkpoint; `check` holds a chec
 what its config implies; `ours_slabs` / `hf_slabs` move data a slab at a time in either direction.
 
 Decoder layer i lives at blocks/layer_{i % period}[i // period]: the decoder scans over blocks,
-so every leaf under "blocks" (and under "vision/layers") has a leading stacked axis.
+so every leaf under "blocks" (and under "vision/layers") has a leading stacked axis. A quantized
+leaf (a qwix QArray, model/quantization.py) is stored as two arrays under its path, "qvalue" and
+"scale"; Meta's FP8 checkpoints hold the routed experts one per expert (checkpoints/fp8.py), each
+tensor going to its expert's place in our stacked qvalues and scales.
 """
 from __future__ import annotations
 
@@ -16,10 +19,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 from flax import traverse_util
+from qwix import QArray
 
 import model
 from checkpoints.errors import CheckpointError
 from model.config import Config
+from model.quantization import quantized_shapes
 
 Path = tuple[str, ...]
 Shape = tuple[int, ...]
@@ -115,6 +120,21 @@ VISION_LAYER = (  # under vision_model.model.layers.{i}., ours under vision.laye
     ("mlp.fc2.bias", "mlp.fc2_bias", IDENTITY),
 )
 PROJECTOR = ("multi_modal_projector.linear_1.weight", "projector.kernel", LINEAR)
+# Meta's FP8 checkpoints: each routed expert as nn.Linear weights in float8_e4m3fn with their
+# per-output-channel scales [out, 1], under feed_forward.experts.{e}. (instead of the fused
+# gate_up_proj / down_proj), going to expert e of the quantized leaves.
+FUSED_EXPERTS = ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj")
+FP8_EXPERT = (
+    ("gate_proj.weight", "moe.wi_gate.qvalue", LINEAR),
+    ("gate_proj.weight_scale", "moe.wi_gate.scale", LINEAR),
+    ("up_proj.weight", "moe.wi_up.qvalue", LINEAR),
+    ("up_proj.weight_scale", "moe.wi_up.scale", LINEAR),
+    ("down_proj.weight", "moe.wo.qvalue", LINEAR),
+    ("down_proj.weight_scale", "moe.wo.scale", LINEAR),
+)
+# ... and those of a MoE layer its `ignore` list leaves in bf16: to the quantized leaf itself
+BF16_EXPERT = tuple((hf, ours.removesuffix(".qvalue"), tr) for hf, ours, tr in FP8_EXPERT
+                    if not hf.endswith("_scale"))
 
 # The two key layouts found in the wild, by the prefix of the text model's keys:
 # Llama4ForCausalLM (model.*, lm_head.weight) and Llama4ForConditionalGeneration, the published
@@ -127,11 +147,49 @@ def detect_layout(names) -> str:
             else "causal_lm")
 
 
-def param_shapes(cfg: Config) -> dict[Path, Shape]:
-    """Every leaf of our parameter tree and its shape, flat, in the order the model declares
-    them (model.param_shapes: the modules' own declaration)."""
-    flat = traverse_util.flatten_dict(model.param_shapes(cfg))
-    return {path: tuple(s.shape) for path, s in flat.items()}
+def default_layout(cfg: Config) -> str:
+    """The layout HF uses for this kind of model (with a vision tower or without)."""
+    return "conditional_generation" if cfg.vision is not None else "causal_lm"
+
+
+def param_shapes(cfg: Config, recipe: str | None = None) -> dict[Path, Shape]:
+    """Every array of our parameter tree and its shape, flat, in the order the model declares
+    them (model.param_shapes: the modules' own declaration); quantized by `recipe`, each
+    quantized leaf as its qvalue and scale."""
+    return {path: tuple(s.shape) for path, s in stored(cfg, recipe).items()}
+
+
+def stored(cfg: Config, recipe: str | None = None) -> dict[Path, "jax.ShapeDtypeStruct"]:
+    """The arrays a checkpoint of `cfg` quantized by `recipe` stores, abstract and flat; the
+    unquantized leaves in the declared dtype (the checkpoint's own, in fact)."""
+    return flat_arrays(quantized_shapes(cfg, recipe))
+
+
+def flat_arrays(params) -> dict[Path, object]:
+    """{path: array}: every leaf, a quantized one (QArray) as its qvalue and scale."""
+    flat = {}
+    for path, x in traverse_util.flatten_dict(params).items():
+        if isinstance(x, QArray):
+            flat |= {path + ("qvalue",): x.qvalue, path + ("scale",): x.scale}
+        else:
+            flat[path] = x
+    return flat
+
+
+def quantized_parts(flat: dict[Path, object]) -> set[Path]:
+    """Which of these stored arrays are a quantized leaf's qvalue or scale (a norm's leaf is
+    named "scale" too: a quantized leaf's scale is the one beside a qvalue)."""
+    return {q for p in flat if p[-1] == "qvalue" for q in (p, p[:-1] + ("scale",))}
+
+
+def tree(flat: dict[Path, object]):
+    """The inverse of `flat_arrays`: nested params, each qvalue and scale joined in a QArray."""
+    parts = quantized_parts(flat)
+    out = {p: x for p, x in flat.items() if p not in parts}
+    for p, x in flat.items():
+        if p[-1] == "qvalue":
+            out[p[:-1]] = QArray(x, flat[p[:-1] + ("scale",)], None, np.dtype(x.dtype))
+    return traverse_util.unflatten_dict(out)
 
 
 @dataclass(frozen=True)
@@ -174,21 +232,34 @@ def slab_rows(key: Key, slab_bytes: int) -> int:
     return max(d for d in range(1, min(fits, shape[0]) + 1) if shape[0] % d == 0)
 
 
-def hf_keys(cfg: Config, layout: str) -> list[Key]:
-    """Every HF tensor the checkpoint of `cfg` holds, in HF's order (embeddings, layers, head)."""
-    shapes, period = param_shapes(cfg), cfg.text.period
+def hf_keys(cfg: Config, layout: str, fp8_layers: frozenset[int] | None = None) -> list[Key]:
+    """Every HF tensor the checkpoint of `cfg` holds, in HF's order (embeddings, layers, head).
+    `fp8_layers`: Meta's FP8 layout (checkpoints/fp8.py), the routed experts stored one per
+    expert, in fp8 with scales (FP8_EXPERT) in these layers, in bf16 (BF16_EXPERT) in the
+    other MoE layers; our tree is then fp8_mixed's, where a bf16 expert's data goes to the
+    quantized leaf itself (quantized as it passes: conversion.stored_slabs)."""
+    shapes, period = param_shapes(cfg, None if fp8_layers is None else "fp8_mixed"), \
+        cfg.text.period
     text, head = LAYOUTS[layout] + "model.", LAYOUTS[layout]
     out: list[Key] = []
 
     def add(hf, ours, transform, root=(), index=()):
         paths = tuple(root + tuple(p.split(".")) for p in ours.split())
-        out.append(Key(hf, paths, index, shapes[paths[0]][len(index):], transform))
+        shape = shapes.get(paths[0]) or shapes[paths[0] + ("qvalue",)]
+        out.append(Key(hf, paths, index, shape[len(index):], transform))
 
     add(text + EMBED[0], *EMBED[1:])
     for i, spec in enumerate(cfg.text.layer_specs):
         b, j = divmod(i, period)
+        root = ("blocks", f"layer_{j}")
         for hf, ours, tr in TEXT_LAYER + (TEXT_MOE if spec.moe else TEXT_MLP):
-            add(f"{text}layers.{i}.{hf}", ours, tr, ("blocks", f"layer_{j}"), (b,))
+            if fp8_layers is None or hf not in FUSED_EXPERTS:
+                add(f"{text}layers.{i}.{hf}", ours, tr, root, (b,))
+        if fp8_layers is not None and spec.moe:
+            rows = FP8_EXPERT if i in fp8_layers else BF16_EXPERT
+            for e in range(cfg.text.num_experts):
+                for hf, ours, tr in rows:
+                    add(f"{text}layers.{i}.feed_forward.experts.{e}.{hf}", ours, tr, root, (b, e))
     add(text + FINAL_NORM[0], *FINAL_NORM[1:])
     add(head + LM_HEAD[0], *LM_HEAD[1:])
     if cfg.vision is not None:
@@ -236,3 +307,13 @@ def hf_slabs(key: Key, read_ours: Callable[[Path, tuple], np.ndarray], slab_byte
     """The HF tensor of `key`, as consecutive slabs of rows (contiguous runs of its bytes)."""
     for _, idx, _ in key.slabs(slab_bytes):
         yield key.transform.to_hf(*(read_ours(path, idx) for path in key.ours))
+
+
+def leaf_slabs(keys: list[Key], read_ours: Callable[[Path, tuple], np.ndarray], slab_bytes: int
+               ) -> Iterator[tuple[Path, tuple, np.ndarray]]:
+    """(our leaf, index into it, data) as `ours_slabs` gives them, read from another copy of our
+    tree: a copy whose writes land on the same slabs as a conversion's."""
+    for key in keys:
+        for _, idx, _ in key.slabs(slab_bytes):
+            for path in key.ours:
+                yield path, idx, read_ours(path, idx)

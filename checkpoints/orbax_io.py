@@ -2,7 +2,9 @@
 integrity.json (see integrity.py).
 
 checkpoint.json records the HF key layout the weights came from, so converting back writes the
-same layout, and the dtype the leaves are stored in.
+same layout, the dtype the leaves are stored in and, for a quantized checkpoint, the recipe
+("quantization": model/quantization.py), which says which leaves are stored as qvalue and scale
+(checkpoints/keys.py) and in which dtypes.
 
 A stacked leaf (say blocks/layer_0/moe/wi_gate, [blocks, E, D, F]) gathers one HF tensor per
 block, so no whole leaf may exist in memory during a conversion. `save_streamed` therefore hands
@@ -31,6 +33,7 @@ from checkpoints.errors import CheckpointError, quiet_orbax
 from checkpoints.hf import read_config, read_json
 from checkpoints.keys import LAYOUTS, Path as LeafPath
 from model.config import PARAM_DTYPES, Config, to_hf
+from model.quantization import RECIPES
 
 Stores = dict[LeafPath, ts.TensorStore]
 PARAMS, META, FORMAT = "params", "checkpoint.json", "llama4-jax/1"
@@ -53,10 +56,13 @@ def read_error(e: BaseException | None) -> ValueError | None:
     return e
 
 
-def write_meta(directory: Path, cfg: Config, layout: str, dtype: np.dtype) -> dict:
+def write_meta(directory: Path, cfg: Config, layout: str, dtype: np.dtype,
+               recipe: str | None = None) -> dict:
     """Write config.json and checkpoint.json; returns what checkpoint.json holds."""
     (directory / "config.json").write_text(json.dumps(to_hf(cfg), indent=2) + "\n")
     meta = {"format": FORMAT, "hf_layout": layout, "param_dtype": np.dtype(dtype).name}
+    if recipe is not None:
+        meta["quantization"] = recipe
     (directory / META).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -75,6 +81,9 @@ def read_meta(directory: Path) -> tuple[Config, str, np.dtype, dict]:
             raise CheckpointError(f"{path} has no {field!r} field")
         if meta[field] not in allowed:
             raise CheckpointError(f"{path}: {field} {meta[field]!r} is not one of {allowed}")
+    if meta.get("quantization", RECIPES[0]) not in RECIPES:
+        raise CheckpointError(f"{path}: quantization {meta['quantization']!r} is not one of "
+                              f"{list(RECIPES)}")
     return (read_config(directory / "config.json"), meta["hf_layout"],
             np.dtype(meta["param_dtype"]), meta)
 
@@ -172,15 +181,32 @@ def save(directory: Path, params: Any):
         ckptr.save(directory, args=ocp.args.PyTreeSave(params))
 
 
-def restore(directory: Path, shapes: dict[LeafPath, tuple[int, ...]], dtype,
-            shardings: dict[LeafPath, jax.sharding.Sharding]) -> dict:
-    """The parameter tree as jax.Arrays, each leaf read straight into its sharding."""
+def restore(directory: Path, shapes: dict[LeafPath, tuple[int, ...]],
+            dtypes: dict[LeafPath, np.dtype], shardings: dict[LeafPath, jax.sharding.Sharding],
+            under: LeafPath = (), where: Path | None = None) -> dict:
+    """The stored arrays as jax.Arrays (nested by path), each read straight into its sharding
+    and dtype (a quantized leaf's qvalue and scale are two of them: keys.flat_arrays). `under`:
+    the parameters are the subtree at these keys of a larger tree (a training run's state), and
+    only they are read. Missing or damaged data is one CheckpointError naming `where`."""
     directory = Path(directory).absolute()  # Orbax refuses relative paths
-    args = {p: ocp.ArrayRestoreArgs(restore_type=jax.Array, dtype=dtype, sharding=shardings[p],
-                                    global_shape=shape) for p, shape in shapes.items()}
-    with quiet_orbax(), ocp.Checkpointer(_handler()) as ckptr:
-        return ckptr.restore(directory, args=ocp.args.PyTreeRestore(
-            restore_args=traverse_util.unflatten_dict(args)))
+    args = {under + p: ocp.ArrayRestoreArgs(restore_type=jax.Array, dtype=dtypes[p],
+                                            sharding=shardings[p], global_shape=shape)
+            for p, shape in shapes.items()}
+    item = {under + p: jax.ShapeDtypeStruct(shape, dtypes[p]) for p, shape in shapes.items()}
+    try:
+        with quiet_orbax(), ocp.Checkpointer(_handler()) as ckptr:
+            tree = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
+                item=traverse_util.unflatten_dict(item),
+                restore_args=traverse_util.unflatten_dict(args), partial_restore=bool(under)))
+    except Exception as e:  # noqa: BLE001 (Orbax wraps TensorStore's error in a bare Exception)
+        cause = read_error(e)
+        if cause is None:
+            raise
+        raise CheckpointError(f"{where or directory}: cannot read the parameters "
+                              f"({reason(cause)})") from None
+    for key in under:
+        tree = tree[key]
+    return tree
 
 
 def open_lazy(directory: Path) -> Stores:

@@ -10,11 +10,11 @@ its outputs came from.
 """
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import io
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -86,8 +86,14 @@ def render(name: str):
 
 
 def main(argv=None):
-    names = (argv if argv is not None else sys.argv[1:]) or sorted(
-        p.stem for p in COLAB.glob("*.ipynb"))
+    known = sorted(p.stem for p in COLAB.glob("*.ipynb"))
+    ap = argparse.ArgumentParser(prog="python colab/render.py", description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", metavar="NAME",
+                    help=f"notebooks to render: {', '.join(known)} (default: all)")
+    names = ap.parse_args(argv).names or known
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        ap.error(f"no notebook {', '.join(unknown)} in colab/ (there are {', '.join(known)})")
     os.environ.update(kernel_env())
     for name in names:
         print(f"rendering colab/{name}.ipynb", flush=True)

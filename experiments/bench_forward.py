@@ -7,15 +7,7 @@ the median wall time of each and the speed ratio. HF runs every expert on every 
 """
 from __future__ import annotations
 
-import argparse
-
-import jax
-import numpy as np
-import torch
-
-import model
-from experiments.timing import timed
-from experiments.hf_reference import hf_text_model, params_from_hf
+from experiments import cli
 
 
 def bench_config(**kw):
@@ -26,12 +18,19 @@ def bench_config(**kw):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = cli.parser(__spec__.name, __doc__)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    import jax
+    import numpy as np
+    import torch
+
+    import model
+    from experiments.hf_reference import hf_text_model, params_from_hf
+    from experiments.timing import timed
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -11,26 +11,23 @@ hashing's share largest). Writes experiments/results/bench_integrity.txt; delete
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-import ml_dtypes
-import numpy as np
-from flax import traverse_util
-
-import checkpoints
-from checkpoints import integrity, orbax_io
-from experiments.bench_convert_memory import synthetic_config
-from experiments.timing import timed
+from experiments import cli
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_integrity.txt"
 
 
 def random_params(cfg, seed: int = 0) -> dict:
+    import ml_dtypes
+    import numpy as np
+    from flax import traverse_util
+
+    import checkpoints
     rng = np.random.default_rng(seed)
     return traverse_util.unflatten_dict({
         p: rng.standard_normal(s, np.float32).astype(ml_dtypes.bfloat16)
@@ -38,10 +35,16 @@ def random_params(cfg, seed: int = 0) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = cli.parser(__spec__.name, __doc__)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tmp", help="directory for the checkpoint (default: the system's)")
     args = ap.parse_args(argv)
+    from flax import traverse_util
+
+    import checkpoints
+    from checkpoints import integrity, orbax_io
+    from experiments.bench_convert_memory import synthetic_config
+    from experiments.timing import timed
     cfg = synthetic_config(args.layers)
     params = random_params(cfg)
     nbytes = sum(x.nbytes for x in traverse_util.flatten_dict(params).values())

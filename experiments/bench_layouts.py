@@ -12,27 +12,27 @@ layouts compile in time about proportional to their size, what model/runtime.py'
 """
 from __future__ import annotations
 
-import argparse
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-import model
+from experiments import cli
 from experiments.bench_forward import bench_config
-from experiments.hf_reference import hf_text_model, params_from_hf
-from model import kv_cache, sampling
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = cli.parser(__spec__.name, __doc__)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--layers", type=int, default=8)
     args = ap.parse_args()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import model
+    from experiments.hf_reference import hf_text_model, params_from_hf
+    from model import kv_cache, sampling
 
     cfg, params = params_from_hf(hf_text_model(bench_config(
         eos_token_id=None, pad_token_id=0, num_hidden_layers=args.layers)))
@@ -63,7 +63,7 @@ def main():
             state = sampling.DecodeState(logits[:, -1], jnp.full((B,), T, jnp.int32), cache,
                                          jnp.zeros((B,), bool), jax.random.key(0))
             t0 = time.perf_counter()
-            jax.block_until_ready(sampling.decode(cfg, rt, p, state, stop, 0, steps=n,
+            jax.block_until_ready(sampling.decode(cfg, rt, p, state, stop, 0, n, steps=n,
                                                   temperature=0.0, top_k=None, top_p=None))
             return (time.perf_counter() - t0) / n, None
         return run

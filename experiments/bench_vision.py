@@ -10,18 +10,11 @@ would be SDPA; pass --sdpa to time that instead).
 """
 from __future__ import annotations
 
-import argparse
-
-import jax
-import numpy as np
-import torch
-
-from experiments.timing import timed
-from experiments.hf_reference import hf_multimodal_model, params_from_hf
-from model.vision import VisionEncoder
+from experiments import cli
 
 
 def bench_models(width: int, layers: int, sdpa: bool):
+    from experiments.hf_reference import hf_multimodal_model, params_from_hf
     vision = dict(image_size=336, patch_size=14, hidden_size=width, num_hidden_layers=layers,
                   num_attention_heads=width // 32, intermediate_size=4 * width,
                   vision_output_dim=512, projector_input_dim=512, projector_output_dim=512)
@@ -35,7 +28,7 @@ def bench_models(width: int, layers: int, sdpa: bool):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = cli.parser(__spec__.name, __doc__)
     ap.add_argument("--tiles", type=int, default=4)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--width", type=int, default=256)
@@ -43,6 +36,12 @@ def main():
     ap.add_argument("--sdpa", action="store_true", help="HF with SDPA attention instead of eager")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    import jax
+    import numpy as np
+    import torch
+
+    from experiments.timing import timed
+    from model.vision import VisionEncoder
     if args.threads:
         torch.set_num_threads(args.threads)
 

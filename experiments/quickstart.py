@@ -16,7 +16,6 @@ curve to OUT/loss.png. It prints wall time, losses and the byte-unigram entropy,
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -25,16 +24,17 @@ import statistics
 import sys
 import sysconfig
 import time
+from typing import TYPE_CHECKING
 
-import jax
 import numpy as np
 
-import checkpoints
-import model
-import training
-from model.config import Config, TextConfig
-from training import OptimConfig, RunConfig
-from training.step import eval_step
+from experiments import cli
+
+if TYPE_CHECKING:
+    from model.config import Config
+    from training import OptimConfig, RunConfig
+
+# JAX and the packages over it are imported where used, so that --help answers at once.
 
 MARKER = "quickstart.json"
 PROMPT = "import os\n\n\ndef read_lines(path):\n"
@@ -43,6 +43,7 @@ TEMPERATURE = 0.5
 
 
 def quickstart_config(tok) -> Config:
+    from model.config import Config, TextConfig
     text = TextConfig(
         vocab_size=tok.vocab_size, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
         head_dim=32, intermediate_size=256, intermediate_size_mlp=512, num_experts=4,
@@ -70,6 +71,8 @@ def unigram_entropy_bits(rows) -> float:
 
 
 def held_out_bits(cfg, params, rows, batches: int = 8) -> float:
+    import training
+    from training.step import eval_step
     b = training.Batches(rows, BATCH, seed=0)
     ce = [float(eval_step(cfg, params, b.batch_at(i))["ce"]) for i in range(min(batches, len(rows) // BATCH))]
     return statistics.mean(ce) / math.log(2)
@@ -104,6 +107,7 @@ def plot(history, entropy, held_out, path):
 
 
 def optim_config(steps: int) -> OptimConfig:
+    from training import OptimConfig
     return OptimConfig(lr=1.5e-3, warmup=min(40, steps // 10), steps=steps, min_lr_ratio=0.1,
                        weight_decay=0.1, clip=1.0)
 
@@ -111,6 +115,7 @@ def optim_config(steps: int) -> OptimConfig:
 def run_config(out: str, save_every: int = 100) -> RunConfig:
     """An earlier run in OUT continues from its latest checkpoint (from scratch if it had none);
     its settings must match (training refuses a different run, naming the field)."""
+    from training import RunConfig
     return RunConfig(out=out, batch=BATCH, seq=SEQ, seed=0, save_every=save_every, keep=2,
                      resume=True)
 
@@ -131,20 +136,40 @@ def claim_out(out: str, settings: dict):
     os.replace(marker + ".tmp", marker)
 
 
+def parse_args(argv=None):
+    ap = cli.parser(__spec__.name, __doc__)
+    ap.add_argument("--out", default="runs/quickstart", help="run directory (default: %(default)s)")
+    ap.add_argument("--steps", type=int, default=800, help="training steps (default: %(default)s)")
+    ap.add_argument("--save-every", type=int, default=100,
+                    help="steps between checkpoints (default: %(default)s)")
+    ap.add_argument("--max-new-tokens", type=int, default=300,
+                    help="length of the completion (default: %(default)s)")
+    return ap.parse_args(argv)
+
+
 def main(argv=None):
+    args = parse_args(argv)
+    import training
     try:
-        _main(argv)
+        _main(args)
     except (training.SettingsError, training.ResumeError, training.DivergedError) as e:
         sys.exit(f"error: {e}")
 
 
-def _main(argv):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/quickstart")
-    ap.add_argument("--steps", type=int, default=800)
-    ap.add_argument("--save-every", type=int, default=100)
-    ap.add_argument("--max-new-tokens", type=int, default=300)
-    args = ap.parse_args(argv)
+def versus_entropy(final: float, entropy: float) -> str:
+    """Where the final loss stands against the byte unigram entropy (both bits/byte)."""
+    if final < entropy:
+        return (f"{entropy - final:.2f} bits/byte below the byte unigram entropy of the corpus, "
+                f"{entropy:.3f} (train loss = {final / entropy:.0%} of it)")
+    return (f"{final - entropy:.2f} bits/byte above the byte unigram entropy of the corpus, "
+            f"{entropy:.3f}: too few steps to learn even how often each byte occurs")
+
+
+def _main(args):
+    import jax
+    import checkpoints
+    import model
+    import training
     t_start = time.time()
     optim, run = optim_config(args.steps), run_config(args.out, args.save_every)
     claim_out(args.out, {"steps": args.steps, "save_every": args.save_every})
@@ -202,8 +227,7 @@ def _main(argv):
           f"{completion}\n---")
     print(f"wall time {wall:.0f} s (training {t_train:.0f} s, {tps:,.0f} tokens/s median)")
     print(f"loss: {final:.3f} bits/byte (train, last 10 steps), {held_out:.3f} on held-out files; "
-          f"{entropy - final:.2f} bits/byte below the byte unigram entropy of the corpus, "
-          f"{entropy:.3f} (train loss = {final / entropy:.0%} of it)")
+          + versus_entropy(final, entropy))
     print(f"checkpoints: {args.out}/<step> (training), {export} (inference); "
           f"loss curve: {args.out}/loss.png")
 

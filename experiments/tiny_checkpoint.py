@@ -1,17 +1,21 @@
-"""A tiny random Llama 4 checkpoint in the published HF layout, with a small tokenizer.json.
+"""A tiny random Llama 4 checkpoint in the published HF layout, with a small tokenizer.
 
-    path = tiny_checkpoint.build("tiny-llama4")   # config.json, model.safetensors, tokenizer.json
+    path = tiny_checkpoint.build("tiny-llama4")
 
 What colab/checkpoints.ipynb runs on when no HF token is given (and in CI, which downloads
 nothing): the files a published Llama 4 checkpoint has, in its key layout
 (Llama4ForConditionalGeneration: language_model.model.*, vision_model.*,
 multi_modal_projector.*), with widths of a few dozen and random weights drawn by
-`experiments.hf_reference` through transformers. The tokenizer is a byte-level BPE trained on a
-few of the Python standard library's sources, holding Llama 4's special tokens; the config's
-token ids (BOS, stops, pad, <|patch|>, image start and end) are that tokenizer's.
+`experiments.hf_reference` through transformers. Beside config.json and model.safetensors:
+tokenizer.json, tokenizer_config.json and chat_template.jinja (as transformers writes them),
+generation_config.json and preprocessor_config.json. The tokenizer is a
+byte-level BPE trained on a few of the Python standard library's sources, holding Llama 4's
+special tokens; the config's token ids (BOS, stops, pad, <|patch|>, image start and end) are that
+tokenizer's.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -61,5 +65,38 @@ def build(path, seed: int = 0, vocab_size: int = 1024, files: int = 10) -> Path:
                              eoi_token_index=special["image_end"])
     path = Path(path)
     hf.save_pretrained(path)
-    tk.save(str(path / "tokenizer.json"))
+    write_tokenizer(path, tk, special)
+    # Sampling as Meta's reference chat defaults (llama-models, llama4/generation.py)
+    generation = {"bos_token_id": special["bos"], "do_sample": True,
+                  "eos_token_id": text["eos_token_id"], "pad_token_id": special["pad"],
+                  "temperature": 0.6, "top_p": 0.9}
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (path / "preprocessor_config.json").write_text(json.dumps(
+        preprocessor_config(VISION["image_size"]), indent=2) + "\n")
     return path
+
+
+# Llama 4's layout in a short template; HF's own also renders images, tools and system prompts.
+CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- for m in messages %}{{- '<|header_start|>' + m['role'] + "
+    "'<|header_end|>\\n\\n' + m['content'] + '<|eot|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|header_start|>assistant<|header_end|>\\n\\n' }}"
+    "{%- endif %}")
+
+
+def write_tokenizer(path: Path, tk: Tokenizer, special: dict[str, int]):
+    """tokenizer.json and transformers' tokenizer_config.json (and what it writes with it)."""
+    from transformers import PreTrainedTokenizerFast
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=SPECIAL["bos"],
+                                   eos_token=SPECIAL["eot"], pad_token=SPECIAL["pad"],
+                                   chat_template=CHAT_TEMPLATE)
+    fast.save_pretrained(path)
+
+
+def preprocessor_config(tile: int) -> dict:
+    """HF's Llama4ImageProcessor settings, for tiles of `tile` pixels (model.image_processing)."""
+    return {"image_processor_type": "Llama4ImageProcessorFast", "processor_class": "Llama4Processor",
+            "size": {"height": tile, "width": tile}, "max_patches": 16,
+            "resize_to_max_canvas": False, "do_convert_rgb": True, "do_resize": True,
+            "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}

@@ -28,6 +28,11 @@ modules say what is computed, model/kernels/ how.
 
     logits = model.forward(cfg, params, input_ids)                       # [B, T, V]
     ids = model.generate(cfg, params, input_ids, max_new_tokens=32)      # [B, T + 32]
+    tok = model.tokenizer.Tokenizer.load(checkpoint_dir)                 # text <-> ids, chat format
+    ids, pixels = model.image_processing.build_inputs([before, image, after], cfg, tokens)
+
+The facts behind each quirk, with their sources (Meta's model card and reference code, HF's
+implementation): docs/architecture.md.
 """
 from __future__ import annotations
 
@@ -35,8 +40,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from . import multimodal, runtime
+from . import image_processing, inputs, multimodal, runtime, tokenizer
 from .config import Config, ConfigError, LayerSpec, TextConfig, VisionConfig, preset, tiny
 from .decoder import Decoder
 from .multimodal import DECODER_KEYS, VISION_KEYS
@@ -65,14 +71,17 @@ def forward(cfg: Config, params, input_ids, pixel_values=None, *, mesh=None, rul
     With a `mesh` (sharding.make_mesh) the model runs sharded by the strategy `rules` (see
     sharding/); params are placed first unless `sharding.shard_params` already placed them.
     `experts` / `layout` override the runtime's choice (e.g. experts="dense": the reference MoE)."""
-    input_ids = jnp.asarray(input_ids)
+    if not isinstance(input_ids, jax.Array):
+        input_ids = np.asarray(input_ids)  # not yet jnp: that would wrap int64 ids to int32
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    inputs.check_token_ids(input_ids, cfg.text.vocab_size)
+    input_ids = jnp.asarray(input_ids)
     if pixel_values is not None:
         pixel_values = jnp.asarray(pixel_values)
         multimodal.check_pixel_values(cfg, pixel_values)
     multimodal.check_image_tokens(cfg, input_ids, pixel_values)
-    placement, params = runtime.place(cfg, params, input_ids.shape[0], mesh, rules)
+    placement, params = runtime.place(cfg, params, *input_ids.shape, mesh, rules)
     rt = resolve(cfg, "prefill", placement, experts=experts, layout=layout)
     if placement is not None:
         input_ids = placement.put(input_ids, ("batch", "seq"), "input_ids")

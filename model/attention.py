@@ -13,6 +13,7 @@ import flax.linen as nn
 
 from .config import Config, LayerSpec
 from .kernels.attention import attend
+from .kernels.quantized import dense
 from .layers import merge_heads, param, rms_normalize
 from .rope import inv_frequencies, rotate
 from .runtime import Runtime
@@ -42,9 +43,9 @@ class Attention(nn.Module):
         wk = param(self, "k", (D, K, H), ("embed", "kv_heads", "head_dim"))
         wv = param(self, "v", (D, K, H), ("embed", "kv_heads", "head_dim"))
         wo = param(self, "o", (N, H, D), ("heads", "head_dim", "embed"))
-        q = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt))
-        k = jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt))
-        v = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt))
+        q = jnp.einsum("BTD,DNH->BTNH", x, dense(wq, dt))
+        k = jnp.einsum("BTD,DKH->BTKH", x, dense(wk, dt))
+        v = jnp.einsum("BTD,DKH->BTKH", x, dense(wv, dt))
         if self.spec.rope:
             inv = inv_frequencies(H, t.rope_theta, t.rope_scaling)
             q, k = rotate(q, positions, inv), rotate(k, positions, inv)

@@ -18,6 +18,7 @@ ROUTER_SCORES = ("input", "output")          # what the router score multiplies:
 ROUTER_ACTIVATIONS = ("sigmoid", "softmax")  # how a chosen expert's logit becomes its score
 PARAM_DTYPES = ("float32", "bfloat16", "float16")  # float16: HF checkpoints stored as F16
 REMAT = ("none", "full", "dots")
+KV_DTYPES = ("int8", "fp8")  # quantized KV caches (model/kv_cache.py); None: the compute dtype
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,7 @@ class Config:
     dtype: str = "float32"                  # compute dtype (bfloat16 on accelerators)
     param_dtype: str = "float32"
     remat: str = "none"                     # none | full | dots: rematerialisation of each layer block
+    kv_dtype: str | None = None             # KV cache: int8 | fp8 with per-(head, position) scales
 
     def __post_init__(self):
         # float16 is refused, not offered: its range (65504) is exceeded by real activations
@@ -185,6 +187,8 @@ class Config:
         check(self.param_dtype in PARAM_DTYPES, "param_dtype",
               f"{self.param_dtype!r} is not one of {list(PARAM_DTYPES)}")
         check(self.remat in REMAT, "remat", f"{self.remat!r} is not one of {list(REMAT)}")
+        check(self.kv_dtype is None or self.kv_dtype in KV_DTYPES, "kv_dtype",
+              f"{self.kv_dtype!r} is not one of {list(KV_DTYPES)} or None (the compute dtype)")
         check_ints(self, ("image_token_id", "boi_token_id", "eoi_token_id"), minimum=0)
 
     def replace(self, **kw) -> "Config":
@@ -200,7 +204,8 @@ def every(step: int, num_layers: int, offset: int) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets. scout/maverick are the published values (LLAMA4.md section 1); behemoth is a shape.
+# Presets. scout/maverick are the published values (docs/architecture.md, section 1); behemoth
+# is a shape.
 
 SCOUT = Config()
 

@@ -14,6 +14,7 @@ from . import kv_cache
 from .attention import Attention
 from .config import Config, LayerSpec
 from .kernels import views
+from .kernels.quantized import dense
 from .layers import MLP, REMAT_POLICIES, RMSNorm, param
 from .moe import MoE
 from .runtime import Runtime
@@ -77,7 +78,7 @@ class LMHead(nn.Module):
     def __call__(self, x):  # [B, T, D] -> [B, T, V]
         t = self.cfg.text
         kernel = param(self, "kernel", (t.hidden_size, t.vocab_size), ("embed", "vocab"))
-        return jnp.einsum("BTD,DV->BTV", x, kernel.astype(x.dtype))
+        return jnp.einsum("BTD,DV->BTV", x, dense(kernel, x.dtype))
 
 
 class Decoder(nn.Module):
@@ -117,7 +118,7 @@ class Decoder(nn.Module):
             x = x[:, -1:]
         x = RMSNorm(self.cfg, t.rms_norm_eps, name="final_norm")(x)
         logits = LMHead(self.cfg, name="lm_head")(x).astype(jnp.float32)
-        return self.rt.constrain(logits, ("batch", "seq", "vocab")), cache
+        return self.rt.constrain(logits, ("batch", None if last_only else "seq", "vocab")), cache
 
     def _blocks_in_turn(self, x, positions, cache):
         """The split layouts: the blocks one after another, each reading its own views of the
@@ -128,7 +129,10 @@ class Decoder(nn.Module):
         for i in range(self.cfg.text.num_blocks):
             block_cache = None if cache is None else views.part(cache, i)
             x, new = block.apply({"params": views.part(stacked, i)}, x, positions, block_cache)
-            if cache is not None:
-                caches.append(new if self.rt.writes_cache_in_layers
-                              else kv_cache.write(block_cache, new, positions))
+            if cache is not None:  # each layer's new keys written, unless it wrote them already
+                caches.append({name: new[name] if self.rt.writes_cache_first(spec.chunked) else
+                               kv_cache.write_layer(block_cache[name], new[name]["k"],
+                                                    new[name]["v"], positions)
+                               for name, spec in ((f"layer_{j}", spec) for j, spec
+                                                  in enumerate(self.cfg.text.block_specs))})
         return x, (views.join(caches) if cache is not None else None)

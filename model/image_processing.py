@@ -1,4 +1,5 @@
-"""Llama 4 image preprocessing and the prompt layout of an image's tokens (LLAMA4.md section 4).
+"""Llama 4 image preprocessing and the prompt layout of an image's tokens
+(docs/architecture.md, "Vision").
 
 From a PIL image to `pixel_values` [tiles, 336, 336, 3] (channel-last, float32) and the token ids
 that stand for it; HF's `Llama4ImageProcessor` + `Llama4Processor._prompt_split_image`, Meta's
@@ -19,7 +20,9 @@ PA, P with a transparent colour) are composited onto white first, as HF's `conve
 Images of more than 8 bits per sample (I, I;16, F) are refused rather than silently clipped, and so
 is an image with no pixels.
 
-The tokenizer is not involved: callers pass the token ids of their text around the image.
+Callers pass the token ids of their text around the image. The image's own special ids (start,
+end, tile separators, <|image|>, <|patch|>) all come from one place: the checkpoint's tokenizer
+(`ImageTokens.from_tokenizer`), or Llama 4's published ids where the checkpoint uses those.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageMode
 
 from .config import Config
+from .tokenizer import SPECIAL
 from .vision import tokens_per_tile as _tokens_per_tile
 
 TILE = 336
@@ -39,7 +43,8 @@ MAX_TILES = 16
 
 @dataclass(frozen=True)
 class ImageTokens:
-    """Special token ids of the image layout (Llama 4 tokenizer, LLAMA4.md section 5)."""
+    """Special token ids of the image layout; the defaults are Llama 4's published tokenizer's
+    (docs/architecture.md, "Tokenizer and chat format")."""
     image_start: int = 200080   # <|image_start|>
     image_end: int = 200081     # <|image_end|>
     tile_x: int = 200084        # <|tile_x_separator|>: between the tiles of a row
@@ -47,11 +52,18 @@ class ImageTokens:
     image: int = 200090         # <|image|>: before the global tile (or the only tile)
     patch: int = 200092         # <|patch|>: replaced by one image feature each
 
+    # field -> the tokenizer's name of the token (model.tokenizer.SPECIAL)
+    NAMES = {"image_start": "image_start", "image_end": "image_end", "tile_x": "tile_x_separator",
+             "tile_y": "tile_y_separator", "image": "image", "patch": "patch"}
+
     @classmethod
-    def from_config(cls, cfg: Config) -> "ImageTokens":
-        """The checkpoint's own ids for <|patch|>, <|image_start|> and <|image_end|>."""
-        return cls(image_start=cfg.boi_token_id, image_end=cfg.eoi_token_id,
-                   patch=cfg.image_token_id)
+    def from_tokenizer(cls, tok) -> "ImageTokens":
+        """All six ids from a `model.tokenizer.Tokenizer`; ValueError naming any it lacks."""
+        missing = [SPECIAL[n] for n in cls.NAMES.values() if n not in tok.special]
+        if missing:
+            raise ValueError(f"the tokenizer has no {', '.join(missing)} token(s), which an "
+                             "image's layout needs")
+        return cls(**{field: tok.special[name] for field, name in cls.NAMES.items()})
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,18 +190,20 @@ def build_inputs(parts: Sequence, cfg: Config | None = None, max_tiles: int = MA
 
     `parts` holds lists of token ids and PIL images in prompt order, e.g.
     `[ids_before, image, ids_after]` or several images. The tiles of all images are stacked in
-    order, which is the order `model.forward` consumes them in. With `cfg`, the tile size, the
-    tokens per tile and the special ids come from the checkpoint's config; without it, Llama 4's.
-    `tokens` overrides the special ids (a config carries only <|patch|>, start and end).
+    order, which is the order `model.forward` consumes them in. With `cfg`, the tile size and the
+    tokens per tile come from the checkpoint's config; without it, Llama 4's.
+    The special ids all come from `tokens` (`ImageTokens.from_tokenizer(tok)`), else Llama 4's
+    published ones, which must then be the checkpoint's: a config holds only three of the six
+    (<|patch|>, start and end), so a checkpoint with other ids needs its tokenizer's.
     For a batch, stack the rows' input_ids (padded) and concatenate their pixel_values in row
     order."""
-    tile, per_tile, default = TILE, 144, ImageTokens()
+    tile, per_tile = TILE, 144
     if cfg is not None:
         if cfg.vision is None:
             raise ValueError("this config has no vision tower; it cannot take images")
         tile, per_tile = cfg.vision.image_size, _tokens_per_tile(cfg.vision)
-        default = ImageTokens.from_config(cfg)
-    tokens = tokens or default
+        _check_tokens(cfg, tokens)
+    tokens = tokens or ImageTokens()
     ids: list[int] = []
     pixels: list[np.ndarray] = []
     for i, part in enumerate(parts):
@@ -204,6 +218,26 @@ def build_inputs(parts: Sequence, cfg: Config | None = None, max_tiles: int = MA
                              "or a PIL image (tokenize text first)")
     return (np.asarray(ids, np.int32),
             np.concatenate(pixels, axis=0) if pixels else None)
+
+
+def _check_tokens(cfg: Config, tokens: ImageTokens | None):
+    """Given tokens place features where the model looks for them (<|patch|>, the config's
+    image_token_id); without them, the config's three ids must be Llama 4's, which stand for
+    the six."""
+    if tokens is not None:
+        if tokens.patch != cfg.image_token_id:
+            raise ValueError(f"tokens.patch {tokens.patch} is not the checkpoint's <|patch|> "
+                             f"(image_token_id {cfg.image_token_id})")
+        return
+    t = ImageTokens()
+    differ = [f"{name} {theirs} (Llama 4's: {ours})" for name, ours, theirs in (
+        ("<|patch|>", t.patch, cfg.image_token_id), ("<|image_start|>", t.image_start,
+                                                     cfg.boi_token_id),
+        ("<|image_end|>", t.image_end, cfg.eoi_token_id)) if ours != theirs]
+    if differ:
+        raise ValueError(f"the checkpoint's image ids are not Llama 4's ({', '.join(differ)}), "
+                         "and its config lacks the other three (tile separators, <|image|>): "
+                         "pass tokens=ImageTokens.from_tokenizer(tok), all six from its tokenizer")
 
 
 def encode_prompt(before: Sequence[int], image, after: Sequence[int], cfg: Config | None = None,

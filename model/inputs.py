@@ -3,14 +3,15 @@ and the logits that come back from the prompt. Each raises one ValueError saying
 where; each is a pure function of its arguments, so any entry point can call it before work starts.
 
 Without them the failures are silent: a NaN temperature or a NaN pixel samples garbage, float
-token ids are truncated to other tokens, `top_k=0` or `stream_every=-1` yields no tokens, and a
-checkpoint with NaN weights decodes token 0 forever.
+token ids are truncated to other tokens and ids outside the vocabulary read as others, `top_k=0`
+or `stream_every=-1` yields no tokens, and a checkpoint with NaN weights decodes token 0 forever.
 """
 from __future__ import annotations
 
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .config_checks import is_int, is_real
@@ -39,19 +40,40 @@ def check_decoding(vocab_size: int, max_new_tokens, temperature=0.0, top_k=None,
         raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
 
 
-def check_prompt(input_ids, pixel_values=None):
-    """Token ids are integers: an integer array, or rows of ints (a float would be truncated to
-    another token); pixel_values [tiles, H, W, 3], if given, hold no NaN or inf."""
+def check_token_ids(input_ids, vocab_size: int):
+    """Token ids are integers of the vocabulary, 0..vocab_size - 1: an integer array, or rows of
+    ints. A float would be truncated to another token, and an id outside the vocabulary read as
+    another one (the embedding lookup clamps: 100000 on a 512-token model reads 511, -1 reads 0).
+    model.forward and model.generate both check with this. An array traced by a caller's own jit
+    holds no values to check, and passes."""
+    if isinstance(input_ids, jax.core.Tracer):
+        return
     if isinstance(input_ids, (np.ndarray, jax.Array)):
         if not np.issubdtype(input_ids.dtype, np.integer):
             raise ValueError(f"input_ids must hold integer token ids, got an array of "
                              f"{np.dtype(input_ids.dtype)}")
-    else:
-        for b, row in enumerate(input_ids):
-            for j, x in enumerate(row):
-                if not is_int(x):
-                    raise ValueError(f"prompt row {b}, position {j}: token id {x!r} is not an "
-                                     "integer")
+        # A jax.Array's bounds on its devices: a sharded one comes to the host only when wrong
+        xp = np if isinstance(input_ids, np.ndarray) else jnp
+        if input_ids.size == 0 or (int(xp.min(input_ids)) >= 0
+                                   and int(xp.max(input_ids)) < vocab_size):
+            return
+        ids = np.asarray(input_ids)
+        bad = np.argwhere((ids < 0) | (ids >= vocab_size))
+        where = ", ".join(f"position {tuple(i.tolist())}" for i in bad[:3])
+        raise ValueError(f"input_ids: {len(bad)} token id(s) outside the vocabulary "
+                         f"0..{vocab_size - 1}, e.g. {ids[tuple(bad[0])]} at {where}")
+    for b, row in enumerate(input_ids):
+        for j, x in enumerate(row):
+            if not is_int(x):
+                raise ValueError(f"prompt row {b}, position {j}: token id {x!r} is not an "
+                                 "integer")
+            if not 0 <= x < vocab_size:
+                raise ValueError(f"prompt row {b}, position {j}: token id {x} is outside the "
+                                 f"vocabulary 0..{vocab_size - 1}")
+
+
+def check_pixel_values(pixel_values):
+    """pixel_values [tiles, H, W, 3], if given, hold no NaN or inf."""
     if pixel_values is not None:
         bad = ~np.isfinite(np.asarray(pixel_values, np.float32))
         if bad.any():

@@ -7,7 +7,10 @@ those positions, so left-padded rows of a batch behave exactly like unpadded pro
 
     cache = {"layer_{j}": {"k": [nb, B, K, S, H], "v": [nb, B, K, S, H], "pos": [nb, B, S]}}
 
-with S = C for chunked layers and S = max_len for global ones; nb = cfg.text.num_blocks. The
+with S = C for chunked layers and S = max_len for global ones; nb = cfg.text.num_blocks. With
+`cfg.kv_dtype` ("int8" or "fp8") "k" and "v" are qwix QArrays: int8 or float8_e4m3fn values and
+one scale [..., S, 1] (the compute dtype) per head and position, set when the row is written
+(model/quantization.py) and applied where attention reads it (kernels/quantized.py). The
 slots sit next to head_dim so that both attention products read the buffers as they lie (batch
 dims B, K leading), with no transpose of the whole cache at every decode step. The split
 layouts of CPU inference hold each leaf's nb axis as separate buffers (`Runtime.view_cache`,
@@ -15,9 +18,13 @@ kernels/views.py), so that each block updates buffers of its own in place.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+from qwix import QArray
 
 from .config import Config, LayerSpec
+from .quantization import QTYPES, empty_kv, quantize_kv
 
 # Logical axes of each slot's stacked buffers (what sharding/ splits them over).
 AXES = {"k": ("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
@@ -31,23 +38,43 @@ def buffer_len(cfg: Config, spec: LayerSpec, max_len: int) -> int:
     return max_len
 
 
-def init_cache(cfg: Config, batch: int, max_len: int, dtype=None):
+def init_cache(cfg: Config, batch: int, max_len: int, dtype=None, stacked: bool = True):
+    """An empty cache; `stacked=False`: one block's, without the nb axis."""
     t = cfg.text
     dtype = jnp.dtype(dtype or cfg.dtype)
+    lead = (t.num_blocks,) if stacked else ()
     cache = {}
     for j, spec in enumerate(t.block_specs):
         S = buffer_len(cfg, spec, max_len)
-        shape = (t.num_blocks, batch, t.num_kv_heads, S, t.head_dim)
-        cache[f"layer_{j}"] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-                               "pos": jnp.full((t.num_blocks, batch, S), -1, jnp.int32)}
+        shape = (*lead, batch, t.num_kv_heads, S, t.head_dim)
+        empty = (lambda: jnp.zeros(shape, dtype)) if cfg.kv_dtype is None else (
+            lambda: empty_kv(shape, cfg.kv_dtype, dtype))
+        cache[f"layer_{j}"] = {"k": empty(), "v": empty(),
+                               "pos": jnp.full((*lead, batch, S), -1, jnp.int32)}
     return cache
 
 
-def cache_bytes(cfg: Config, batch: int, context: int, bytes_per_value: int = 2) -> int:
-    """Bytes of K and V for `context` tokens (positions are not counted: 4 bytes a slot)."""
+def room(cfg: Config, cache) -> int | None:
+    """How many positions the cache's global (unchunked) buffers hold; None when every layer is
+    chunked, its ring buffers never running out."""
+    for j, spec in enumerate(cfg.text.block_specs):
+        if not spec.chunked:
+            return cache[f"layer_{j}"]["pos"].shape[-1]
+    return None
+
+
+def cache_bytes(cfg: Config, batch: int, context: int, bytes_per_value: float | None = None
+                ) -> int:
+    """Bytes of K and V for `context` tokens (positions are not counted: 4 bytes a slot):
+    `bytes_per_value`, or as `cfg` stores them (the compute dtype, or cfg.kv_dtype's byte plus
+    a compute-dtype scale per head_dim values)."""
     t = cfg.text
+    if bytes_per_value is None:
+        itemsize = np.dtype(cfg.dtype).itemsize
+        bytes_per_value = itemsize if cfg.kv_dtype is None else (
+            QTYPES[cfg.kv_dtype].dtype.itemsize + itemsize / t.head_dim)
     per_slot = 2 * t.num_kv_heads * t.head_dim * bytes_per_value
-    return batch * per_slot * sum(buffer_len(cfg, s, context) for s in t.layer_specs)
+    return round(batch * per_slot * sum(buffer_len(cfg, s, context) for s in t.layer_specs))
 
 
 def write(cache, new, positions):
@@ -73,10 +100,17 @@ def write_layer(layer, k, v, positions):
     b = jnp.arange(positions.shape[0])[:, None]
     # Indices b and slot around a slice: the indexed view is [B, T, *nb, K, H].
     lead = range(len(stacked))
-    new = {"k": k, "v": v}
-    out = {n: layer[n].at[..., b, :, slot, :].set(
-        jnp.moveaxis(new[n], lead, range(2, 2 + len(stacked))).astype(layer[n].dtype), mode="drop")
-        for n in ("k", "v")}
+
+    def put(buffer, rows):  # one array: rows [*nb, B, T, K, H'] into buffer [*nb, B, K, S, H']
+        return buffer.at[..., b, :, slot, :].set(
+            jnp.moveaxis(rows, lead, range(2, 2 + len(stacked))).astype(buffer.dtype), mode="drop")
+
+    out = {}
+    for n, rows in (("k", k), ("v", v)):
+        if isinstance(layer[n], QArray):  # quantized rows: values and scales written alike
+            out[n] = jax.tree.map(put, layer[n], quantize_kv(rows, layer[n]))
+        else:
+            out[n] = put(layer[n], rows)
     out["pos"] = layer["pos"].at[..., b, slot].set(
         jnp.broadcast_to(positions, (*stacked, *positions.shape)), mode="drop")
     return out

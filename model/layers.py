@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from .config import Config
+from .kernels.quantized import dense, on_use
 
 
 INIT_STD = 0.02
@@ -23,9 +24,10 @@ def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str,
           init=NORMAL):
     """Declare a parameter with its logical axis names (mapped to mesh axes only in sharding/).
 
-    When applied, the leaf given is returned as it is: an array, or a split view of one
-    (kernels/views.py `Parts`, which Flax's own check would take for a tree of arrays), after
-    checking its shape against the declaration."""
+    When applied, the leaf given is returned as it is: an array, a split view of one
+    (kernels/views.py `Parts`) or a quantized one (a qwix `QArray`, model/quantization.py), which
+    Flax's own check would take for trees of arrays, after checking its shape against the
+    declaration. Readers cast it with `kernels.quantized.dense`, which dequantizes a QArray."""
     if module.has_variable("params", name):
         value = nn.unbox(module.get_variable("params", name))
         if tuple(value.shape) != tuple(shape):
@@ -85,19 +87,21 @@ class MLP(nn.Module):
         wi_gate = param(self, "wi_gate", (D, F), ("embed", "mlp"))
         wi_up = param(self, "wi_up", (D, F), ("embed", "mlp"))
         wo = param(self, "wo", (F, D), ("mlp", "embed"))
-        return swiglu(x, *(w.astype(x.dtype) for w in (wi_gate, wi_up, wo)))
+        return swiglu(x, wi_gate, wi_up, wo)
 
 
 def merge_heads(x, w):
     """x [B, T, N, H] @ w [N, H, D] -> [B, T, D], contracting N then H as both lie in memory.
     (jnp.einsum("BTNH,NHD->BTD") contracts H first, sorting the letters, and XLA then copies the
     weight transposed before every matmul.)"""
-    return jnp.tensordot(x, w.astype(x.dtype), axes=2)
+    return jnp.tensordot(x, dense(w, x.dtype), axes=2)
 
 
 def swiglu(x, wi_gate, wi_up, wo, matmul=jnp.matmul, down=None):
     """down(silu(x @ gate) * (x @ up)) for x [..., D], weights [D, F], [D, F], [F, D]: the dense
     FFN and the shared expert; with a grouped or batched `matmul` (model/kernels/experts.py),
-    every routed expert. `down`: the last product, when it differs from `matmul`."""
-    h = jax.nn.silu(matmul(x, wi_gate)) * matmul(x, wi_up)
-    return (down or matmul)(h, wo)
+    every routed expert. `down`: the last product, when it differs from `matmul`. The weights
+    are read as stored (arrays or QArrays) and cast, or dequantized, on use (kernels.quantized)."""
+    up_proj, down_proj = on_use(matmul), on_use(down or matmul)
+    h = jax.nn.silu(up_proj(x, wi_gate)) * up_proj(x, wi_up)
+    return down_proj(h, wo)

@@ -22,6 +22,7 @@ import flax.linen as nn
 
 from .config import Config
 from .kernels import experts
+from .kernels.quantized import dense
 from .layers import MLP, param
 from .runtime import Runtime
 
@@ -43,7 +44,7 @@ class MoE(nn.Module):
         B, T, _ = x.shape
         xt = x.reshape(B * T, D)
         router = param(self, "router", (D, E), ("embed", "experts"))
-        logits = jnp.einsum("TD,DE->TE", xt, router.astype(dt))
+        logits = jnp.einsum("TD,DE->TE", xt, dense(router, dt))
         top_logits, top_ids = jax.lax.top_k(logits, k)                      # [T, k]
         if t.router_activation == "softmax":
             probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
@@ -52,9 +53,9 @@ class MoE(nn.Module):
             scores = jax.nn.sigmoid(top_logits.astype(jnp.float32)).astype(dt)
         # Router statistics for the load-balancing loss and per-expert load (training reads them).
         self.sow("intermediates", "router_logits", logits)
-        weights = tuple(
-            param(self, name, (E, *(size[a] for a in axes)), ("experts", *axes)).astype(dt)
-            for name, axes in EXPERT_AXES.items())
+        # As stored: the kernel casts (or dequantizes) only the experts it reads.
+        weights = tuple(param(self, name, (E, *(size[a] for a in axes)), ("experts", *axes))
+                        for name, axes in EXPERT_AXES.items())
         # Llama 4's router score multiplies the expert's input, not its output (SwiGLU is not
         # homogeneous, so the two differ); the "output" variant scales the experts' output rows.
         xs = jnp.repeat(xt, k, axis=0)                  # [M, D]: a copy per (token, chosen expert)

@@ -14,7 +14,8 @@ goes into the jitted functions and the modules as a single static argument:
   taken for up to MAX_BLOCKS blocks and "experts" for up to MAX_BRANCHES switch branches (MoE
   layers x experts); `python -m experiments.bench_layouts --layers 48` times the compiles.
 - attention: "xla" (one masked softmax, or blocks with an online softmax past `dense_max_len`
-  keys) or "cudnn" (the fused kernel; GPUs in 16-bit).
+  keys), "cudnn" (the fused kernel; GPUs in 16-bit) or "context" (positions split over devices:
+  the placement runs attention across them around the xla kernels).
 - experts: "ragged" (grouped GEMM, jax.lax.ragged_dot), "rounds" (CPU, which has no fast
   ragged_dot), "switched" (the "experts" layout: each token copy to its expert's own buffers) or
   "dense" (the reference: every expert on every token).
@@ -31,13 +32,14 @@ from typing import Any, Protocol
 
 import jax
 
+from . import kv_cache
 from .config import Config
 from .kernels import views
 from .kernels.attention import BLOCK, DENSE_MAX_LEN
 
 PHASES = ("train", "prefill", "decode")
 LAYOUTS = ("stacked", "blocks", "experts")
-ATTENTION = ("xla", "cudnn")
+ATTENTION = ("xla", "cudnn", "context")
 EXPERTS = ("ragged", "rounds", "switched", "dense")
 
 MAX_BLOCKS = 4
@@ -50,7 +52,10 @@ class Placement(Protocol):
     def constrain(self, x, logical: tuple[str | None, ...]): ...
     def put(self, x, logical: tuple[str | None, ...], what: str = "array"): ...
     def init_cache(self, cfg: Config, batch: int, max_len: int): ...
+    def splits(self, logical: str) -> bool: ...
     def dispatch_experts(self, body, xs, ids, wi_gate, wi_up, wo): ...
+    def gathered_attention(self, local, q, k, v, positions): ...
+    def cache_state(self, local, qg, q_pos, layer_cache, chunk, **kw): ...
 
 
 @dataclass(frozen=True)
@@ -79,13 +84,16 @@ class Runtime:
     def replace(self, **kw) -> "Runtime":
         return dataclasses.replace(self, **kw)
 
-    @property
-    def writes_cache_in_layers(self) -> bool:
-        """Decoding in a split layout: each layer writes its token's key and value into its own
-        block's buffers, then reads them. The slot written holds no key still needed (one token
-        per row), and XLA updates the buffers in place; read first and written after, they are
-        copied. The stacked layout writes every layer's new keys once, after the layer scan."""
-        return self.phase == "decode" and self.layout != "stacked"
+    def writes_cache_first(self, chunked: bool) -> bool:
+        """Whether a layer (`chunked`: of a RoPE layer's ring buffer) writes its new keys and
+        values into its own block's buffers before it reads them, in the split layouts. Then XLA
+        updates the buffers in place; read first and written after, it copies them (a copy of the
+        whole context per prompt piece, for a global layer). Writing first is safe where no slot
+        written holds a key still needed: decoding (one token a row), and a global layer's
+        buffer, which never wraps. A chunked ring may wrap within a prompt piece: there the piece's
+        keys are attended beside the buffer and written after, a copy bounded by the chunk. The
+        stacked layout writes every layer's new keys once, after the layer scan."""
+        return self.layout != "stacked" and (self.phase == "decode" or not chunked)
 
     def constrain(self, x, logical: tuple[str | None, ...]):
         """Pin activation x to logical axes; a no-op on one device."""
@@ -94,6 +102,17 @@ class Runtime:
     def view_params(self, params):
         """The params as this runtime reads them (split views, or as they are)."""
         return params if self.layout == "stacked" else views.split_params(params, self.layout)
+
+    def init_cache(self, cfg: Config, batch: int, max_len: int):
+        """An empty KV cache as this runtime reads it: placed by the placement, or in the split
+        layouts each block's buffers made on their own (split from a stacked cache they would
+        be copied, the whole cache held twice)."""
+        if self.placement is not None:
+            return self.placement.init_cache(cfg, batch, max_len)
+        if self.layout == "stacked":
+            return kv_cache.init_cache(cfg, batch, max_len)
+        return views.join([kv_cache.init_cache(cfg, batch, max_len, stacked=False)
+                           for _ in range(cfg.text.num_blocks)])
 
     def view_cache(self, cache):
         """A KV cache (model.kv_cache) held as this runtime's layout reads it."""
@@ -117,6 +136,8 @@ def resolve(cfg: Config, phase: str, placement: Placement | None = None, *,
     if experts is None:
         experts = "switched" if layout == "experts" else "rounds" if backend == "cpu" else "ragged"
     attention = "cudnn" if backend == "gpu" and cfg.dtype in ("bfloat16", "float16") else "xla"
+    if placement is not None and (placement.splits("seq") or placement.splits("cache_seq")):
+        attention = "context"
     return Runtime(phase=phase, layout=layout, attention=attention, experts=experts,
                    placement=placement)
 
@@ -127,16 +148,17 @@ _PLACER = None
 
 
 def set_placer(placer) -> None:
-    """placer(cfg, params, batch, mesh, rules) -> (Placement, params placed on the mesh)."""
+    """placer(cfg, params, batch, seq, mesh, rules) -> (Placement, params placed on the mesh)."""
     global _PLACER
     _PLACER = placer
 
 
-def place(cfg: Config, params, batch: int, mesh, rules="combined"):
-    """(placement, params) for `batch` rows on `mesh`; (None, params) when mesh is None."""
+def place(cfg: Config, params, batch: int, seq: int, mesh, rules="combined"):
+    """(placement, params) for `batch` rows of `seq` positions on `mesh`; (None, params) when
+    mesh is None."""
     if mesh is None:
         return None, params
     if _PLACER is None:
         raise ValueError("a mesh was given but sharding/ is not imported: `import sharding` and "
                          "build the mesh with sharding.make_mesh")
-    return _PLACER(cfg, params, batch, mesh, rules)
+    return _PLACER(cfg, params, batch, seq, mesh, rules)

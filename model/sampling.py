@@ -8,6 +8,7 @@ once every row has emitted a stop token.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -76,17 +77,18 @@ def sample(logits, key, temperature, top_k: int | None, top_p: float | None):
 @functools.partial(jax.jit, static_argnames=("cfg", "rt", "steps", "temperature", "top_k",
                                              "top_p"),
                    donate_argnames=("state",))  # the cache is updated in place, not copied
-def decode(cfg: Config, rt: Runtime, params, state: DecodeState, stop_tokens, pad_id, *,
+def decode(cfg: Config, rt: Runtime, params, state: DecodeState, stop_tokens, pad_id, limit, *,
            steps: int, temperature: float, top_k: int | None, top_p: float | None):
-    """Sample up to `steps` tokens. Returns (tokens [B, steps] with pad_id after a row stops,
-    new state), so that calls can be chained to stream. `params` as `rt` reads them."""
+    """Sample up to `limit` <= `steps` tokens. Returns (tokens [B, steps] with pad_id after a row
+    stops or past `limit`, new state), so that calls can be chained to stream. `limit` is traced,
+    so a last, shorter call runs the same program. `params` as `rt` reads them."""
     B = state.logits.shape[0]
     decoder = Decoder(cfg, rt)
     params = multimodal.decoder_params(params)
 
     def cond(carry):
         i, _, s = carry
-        return (i < steps) & ~jnp.all(s.done)
+        return (i < limit) & ~jnp.all(s.done)
 
     def body(carry):
         i, out, s = carry
@@ -122,18 +124,14 @@ def prefill(cfg: Config, params, input_ids: Sequence[Sequence[int]] | np.ndarray
     cache and state are placed on it (see sharding/). pixel_values [tiles, S, S, 3]: the tiles
     of every image of every row, in order (see `model.image_processing.build_inputs`).
     `experts`, `layout`: override the runtime's choice (runtime.resolve)."""
-    inputs.check_prompt(input_ids, pixel_values)
     t = cfg.text
+    inputs.check_token_ids(input_ids, t.vocab_size)
+    inputs.check_pixel_values(pixel_values)
     rows = _as_rows(input_ids)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("empty prompt: every row needs at least one token")
-    for b, r in enumerate(rows):
-        bad = [x for x in r if not 0 <= x < t.vocab_size]
-        if bad:
-            raise ValueError(f"prompt row {b}: token ids {bad[:5]} outside the vocabulary "
-                             f"0..{t.vocab_size - 1}")
     T = max(len(r) for r in rows)
     if T + max_new_tokens > t.max_position_embeddings:
         raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new ones exceeds the "
@@ -151,16 +149,15 @@ def prefill(cfg: Config, params, input_ids: Sequence[Sequence[int]] | np.ndarray
         pixel_values = jnp.asarray(pixel_values)
         multimodal.check_pixel_values(cfg, pixel_values)
     multimodal.check_image_tokens(cfg, ids, pixel_values)
-    placement, params = runtime.place(cfg, params, len(rows), mesh, rules)
+    placement, params = runtime.place(cfg, params, len(rows), piece, mesh, rules)
     rt = runtime.resolve(cfg, "prefill", placement, experts=experts, layout=layout)
     put = (lambda x, axes: x) if placement is None else placement.put  # noqa: E731
     max_len = _round_up(T + max_new_tokens, BUCKET)
-    cache = (kv_cache.init_cache(cfg, len(rows), max_len) if placement is None
-             else placement.init_cache(cfg, len(rows), max_len))
+    cache = rt.init_cache(cfg, len(rows), max_len)
     image = None
     if pixel_values is not None:
         image = _image_embeddings(cfg, params, ids, pixel_values)
-    cache, viewed = rt.view_cache(cache), rt.view_params(params)
+    viewed = rt.view_params(params)
     for s in range(0, T_pad, piece):
         piece_image = None if image is None else (
             put(image[0][:, s:s + piece], ("batch", "seq")),
@@ -172,7 +169,53 @@ def prefill(cfg: Config, params, input_ids: Sequence[Sequence[int]] | np.ndarray
     key = jax.random.key(seed) if isinstance(seed, int) else seed
     state = DecodeState(logits[:, -1], put(jnp.asarray(positions[:, -1] + 1), ("batch",)), cache,
                         put(jnp.zeros((len(rows),), bool), ("batch",)), key)
+    if placement is None:  # committed to the device, as the state `decode` returns: otherwise
+        state = jax.device_put(state, logits.sharding)  # its second call compiles a new program
     return ids[:, T_pad - T:], state
+
+
+class _Decoding(NamedTuple):
+    """decode's arguments for one stream, as decode_stream and compile_decode both pass them."""
+    rt: Runtime
+    params: dict
+    state: DecodeState
+    stop: jax.Array
+    static: dict
+
+
+def _decoding(cfg: Config, params, state: DecodeState, max_new_tokens: int, temperature, top_k,
+              top_p, stop_tokens, stream_every, mesh, rules, experts, layout) -> _Decoding:
+    inputs.check_decoding(cfg.text.vocab_size, max_new_tokens, temperature, top_k, top_p,
+                          stream_every)
+    room, start = kv_cache.room(cfg, state.cache), int(np.max(np.asarray(state.positions)))
+    if room is not None and start + max_new_tokens > room:
+        raise ValueError(f"the cache holds {room} positions and the longest row is at {start}: "
+                         f"{max_new_tokens} new tokens would run past its end (prefill with a "
+                         "max_new_tokens that covers every token to be decoded)")
+    placement, params = runtime.place(cfg, params, state.logits.shape[0], 1, mesh, rules)
+    rt = runtime.resolve(cfg, "decode", placement, experts=experts, layout=layout)
+    params, state = rt.view_params(params), state._replace(cache=rt.view_cache(state.cache))
+    stop = jnp.asarray(list(cfg.text.eos_token_ids if stop_tokens is None else stop_tokens)
+                       or [-1], jnp.int32)
+    steps = min(stream_every or max_new_tokens, max_new_tokens)
+    return _Decoding(rt, params, state, stop, dict(steps=steps, temperature=float(temperature),
+                                                   top_k=top_k, top_p=top_p))
+
+
+def compile_decode(cfg: Config, params, state: DecodeState, *, max_new_tokens: int,
+                   temperature: float = 0.0, top_k: int | None = None,
+                   top_p: float | None = None, stop_tokens: Sequence[int] | None = None,
+                   stream_every: int | None = None, mesh=None, rules="combined",
+                   experts: str | None = None, layout: str | None = None) -> float:
+    """Compile the decode loop that `decode_stream` with the same arguments runs, without
+    running it (a caller can then say how long the compile took and time decoding alone);
+    returns the seconds it took. One program serves every call of the stream."""
+    d = _decoding(cfg, params, state, max_new_tokens, temperature, top_k, top_p, stop_tokens,
+                  stream_every, mesh, rules, experts, layout)
+    t0 = time.perf_counter()
+    decode.lower(cfg, d.rt, d.params, d.state, d.stop, _pad_id(cfg), d.static["steps"],
+                 **d.static).compile()
+    return time.perf_counter() - t0
 
 
 def decode_stream(cfg: Config, params, state: DecodeState, *, max_new_tokens: int,
@@ -183,20 +226,14 @@ def decode_stream(cfg: Config, params, state: DecodeState, *, max_new_tokens: in
     """New tokens [B, n] every `stream_every` tokens (all at once when None), until
     max_new_tokens or every row has stopped. `mesh`, `rules`, `experts`, `layout`: as given to
     `prefill` (the state's cache is brought to the decoding layout once)."""
-    inputs.check_decoding(cfg.text.vocab_size, max_new_tokens, temperature, top_k, top_p,
-                          stream_every)
-    inputs.check_logits_finite(state.logits)
-    placement, params = runtime.place(cfg, params, state.logits.shape[0], mesh, rules)
-    rt = runtime.resolve(cfg, "decode", placement, experts=experts, layout=layout)
-    params, state = rt.view_params(params), state._replace(cache=rt.view_cache(state.cache))
-    stop = jnp.asarray(list(cfg.text.eos_token_ids if stop_tokens is None else stop_tokens)
-                       or [-1], jnp.int32)
-    every = stream_every or max_new_tokens
+    d = _decoding(cfg, params, state, max_new_tokens, temperature, top_k, top_p, stop_tokens,
+                  stream_every, mesh, rules, experts, layout)
+    inputs.check_logits_finite(d.state.logits)
+    state, every = d.state, d.static["steps"]
     for done_so_far in range(0, max_new_tokens, every):
-        steps = min(every, max_new_tokens - done_so_far)
-        new, state = decode(cfg, rt, params, state, stop, _pad_id(cfg), steps=steps,
-                            temperature=float(temperature), top_k=top_k, top_p=top_p)
-        yield np.asarray(new)
+        n = min(every, max_new_tokens - done_so_far)
+        new, state = decode(cfg, d.rt, d.params, state, d.stop, _pad_id(cfg), n, **d.static)
+        yield np.asarray(new[:, :n])
         if bool(jnp.all(state.done)):
             return
 

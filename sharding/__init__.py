@@ -5,6 +5,7 @@
     logits = model.forward(cfg, params, ids, mesh=mesh)
     out = model.generate(cfg, params, ids, max_new_tokens=32, mesh=mesh)
     cfg, params = sharding.load(path, mesh)                     # Orbax: each host reads its shards
+    sharding.simulate_cpu_devices(8)    # on a CPU machine, first thing: 8 devices to try a mesh on
 
 Mesh axes: data (replicas), fsdp (weights split, gathered at use), expert (experts split, tokens
 dispatched with shard_map), tensor (heads, FFN widths and vocab split). The model only names
@@ -41,19 +42,22 @@ from __future__ import annotations
 
 import model.runtime
 
-from .mesh import AXES, ShardingError, initialize, make_mesh, parse_mesh
+from .mesh import AXES, ShardingError, initialize, make_mesh, parse_mesh, simulate_cpu_devices
 from .rules import RULES, Plan, make_plan, param_shardings, place, rules_table, shard_params
 
 # model.forward / model.generate(..., mesh=...) place params and build the plan through this.
 model.runtime.set_placer(place)
 
 
-def load(path, mesh, rules="combined", dtype=None):
-    """(cfg, params) from a checkpoint directory, each leaf read straight into its shards."""
+def load(path, mesh, rules="combined", dtype=None, verify: bool = True):
+    """(cfg, params) from a checkpoint (`checkpoints.load`), each leaf placed in its shards: read
+    straight into them from an Orbax directory or a training run, after a whole read into host
+    memory from an HF directory."""
     import checkpoints
-    return checkpoints.load(path, dtype=dtype,
+    return checkpoints.load(path, dtype=dtype, verify=verify,
                             shardings=lambda cfg: param_shardings(cfg, mesh, rules))
 
 
 __all__ = ["AXES", "Plan", "RULES", "ShardingError", "initialize", "load", "make_mesh",
-           "make_plan", "param_shardings", "parse_mesh", "place", "rules_table", "shard_params"]
+           "make_plan", "param_shardings", "parse_mesh", "place", "rules_table", "shard_params",
+           "simulate_cpu_devices"]

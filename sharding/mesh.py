@@ -7,10 +7,11 @@ import os
 import jax
 from jax.sharding import AxisType, Mesh
 
-# Every mesh has all four axes (size 1 when not named), outermost first: data-parallel replicas
-# across hosts, tensor-parallel groups innermost so that they sit on the fastest links (NVLink
+# Every mesh has all five axes (size 1 when not named), outermost first: data-parallel replicas
+# across hosts; context (positions split, keys and partial softmaxes exchanged every global
+# layer) and tensor-parallel groups innermost, so that they sit on the fastest links (NVLink
 # within a host, the nearest chips on a TPU slice). jax.make_mesh lays devices out that way.
-AXES = ("data", "fsdp", "expert", "tensor")
+AXES = ("data", "fsdp", "expert", "context", "tensor")
 
 
 class ShardingError(ValueError):
@@ -50,7 +51,7 @@ def parse_mesh(spec: str | dict[str, int]) -> dict[str, int]:
 
 
 def make_mesh(spec: str | dict[str, int], devices=None) -> Mesh:
-    """A Mesh over all devices (of every process) with axes data, fsdp, expert, tensor.
+    """A Mesh over all devices (of every process) with axes data, fsdp, expert, context, tensor.
 
     Axis types are Auto: the partitioner propagates shardings from the parameters and from the
     model's logical-axis constraints, and fills in the collectives. With Explicit axes every op
@@ -65,10 +66,33 @@ def make_mesh(spec: str | dict[str, int], devices=None) -> Mesh:
     total = math.prod(sizes.values())
     if total != len(devices):
         named = ",".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "(all axes 1)"
+        hint = ""
+        if all(d.platform == "cpu" for d in devices) and total > len(devices):
+            hint = (f". To try it on this CPU machine, simulate {total} devices before JAX starts: "
+                    f"--devices {total} on the command lines, or in Python "
+                    f"`jax.config.update(\"jax_num_cpu_devices\", {total})` right after "
+                    f"`import jax` (or XLA_FLAGS=--xla_force_host_platform_device_count={total})")
         raise ShardingError(f"mesh {named} has {total} devices but there are {len(devices)}: "
-                            "the axis sizes must multiply to the device count")
+                            f"the axis sizes must multiply to the device count{hint}")
     return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES,
                          axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def simulate_cpu_devices(n: int) -> list:
+    """n CPU devices standing in for accelerators, to try a mesh on a machine without them (JAX
+    then runs on the CPU). Only takes effect before anything has started JAX's backends; once
+    they are up (a test process), the CPU devices there are used if there are enough."""
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # backends up already: the count is fixed, and so is the platform
+        pass
+    else:
+        jax.config.update("jax_platforms", "cpu")
+    cpus = jax.devices("cpu")
+    if len(cpus) < n:
+        raise ShardingError(f"cannot simulate {n} CPU devices: JAX started with {len(cpus)} "
+                            "before they could be added (set them before any JAX computation)")
+    return cpus[:n]
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -31,21 +31,30 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from model.kernels.quantized import FP8
+from model.quantization import child_axes, is_quantized
 
 
 def expert_parallel(plan, body, xs, ids, wi_gate, wi_up, wo):
     """The routed experts' outputs [M, D] for token copies xs [M, D] going to experts ids [M]
     (M = B * seq * k, split as the batch). `body` is the single-device grouped kernel
     (model.kernels.experts.grouped): each device runs it on its local experts."""
-    tok = plan.axes("batch")
+    tok = plan.axes("batch") + plan.axes("seq")  # the copies' rows: [B, T] flattened
     ex = plan.axes("experts")
-    hid = plan.axes("mlp")
+    # fp8 weights take fp8 inputs scaled by each row's max (kernels/quantized.py): the down
+    # projection's rows must be whole, so F stays unsplit inside the map for them
+    hid = () if is_fp8(wo) else plan.axes("mlp")
     gather = tuple(a for a in ex if a in tok)         # expert axes the tokens are split over
     rest = tuple(a for a in ex if a not in tok)       # ... and those they are replicated over
     local = wi_gate.shape[0] // math.prod(plan.mesh.shape[a] for a in ex)
     tok_spec = P(tok or None)
     w_in, w_out = P(ex or None, None, hid or None), P(ex or None, hid or None, None)
+    # a quantized weight (a qwix QArray) splits its qvalue and scale alike, the scale not on
+    # the axes it reduces to size 1
+    w_in, w_out = (_child_specs(s, w) for s, w in ((w_in, wi_gate), (w_out, wo)))
 
     def run(xs, ids, wi_gate, wi_up, wo):
         if gather:
@@ -68,3 +77,13 @@ def expert_parallel(plan, body, xs, ids, wi_gate, wi_up, wo):
     with jax.named_scope("expert_parallel"):
         return jax.shard_map(run, mesh=plan.mesh, in_specs=(tok_spec, tok_spec, w_in, w_in, w_out),
                              out_specs=tok_spec, check_vma=False)(xs, ids, wi_gate, wi_up, wo)
+
+
+def is_fp8(w) -> bool:
+    return is_quantized(w) and jnp.dtype(w.qtype) == FP8
+
+
+def _child_specs(spec: P, w):
+    if not is_quantized(w):
+        return spec
+    return jax.tree.map(lambda c: P(*child_axes(spec, w.shape, c.shape)), w)

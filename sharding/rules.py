@@ -10,13 +10,17 @@ of mesh axes (split over their product); a logical axis with no rule is replicat
   logits) are split over `tensor` (Megatron-style); the per-device activations keep all of D.
 - expert: the experts are split over `expert`; tokens meet their experts in a shard_map
   (sharding/moe.py).
-- combined: all three at once; every mesh axis of size 1 is simply unused, so it suits any mesh.
+- context: the positions of a sequence ("seq") and the KV cache's slots ("cache_seq") are split
+  over `context`; attention across them runs in shard_maps (sharding/context.py).
+- combined: all four at once; every mesh axis of size 1 is simply unused, so it suits any mesh.
 
 Divisibility: query heads and experts must divide by the product of their mesh axes (an error
 otherwise). KV heads are split over `tensor` when it divides them, and replicated otherwise
 (tensor > K: each device keeps every KV head, a small cost next to the query heads, and no head
 is split across devices). The batch is split over the leading batch axes whose sizes divide it
 and replicated over the rest (greedy generation of one prompt on a data=2 mesh still runs).
+A sequence split over `context` must divide by it (an error otherwise), except a single position
+a row (decoding), which every device of the axis holds; so must the cache's slots.
 """
 from __future__ import annotations
 
@@ -31,8 +35,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import model
 from model import kv_cache
 from model.config import Config
+from model.quantization import child_axes, is_quantized
 from model.decoder import ACTIVATION
 
+from . import context
 from .mesh import AXES, ShardingError
 from .moe import expert_parallel
 
@@ -42,11 +48,13 @@ _TENSOR = {"heads": ("tensor",), "kv_heads": ("tensor",), "mlp": ("tensor",),
            "vocab": ("tensor",), "vision_heads": ("tensor",), "vision_mlp": ("tensor",),
            "vision_adapter": ("tensor",)}
 _EXPERT = {"experts": ("expert",)}
+_CONTEXT = {"seq": ("context",), "cache_seq": ("context",)}
 RULES: dict[str, dict[str, tuple[str, ...]]] = {
     "fsdp": {"batch": BATCH, **_FSDP},
     "tensor": {"batch": BATCH, **_TENSOR},
     "expert": {"batch": BATCH, **_EXPERT},
-    "combined": {"batch": BATCH, **_FSDP, **_TENSOR, **_EXPERT},
+    "context": {"batch": BATCH, **_CONTEXT},
+    "combined": {"batch": BATCH, **_FSDP, **_TENSOR, **_EXPERT, **_CONTEXT},
 }
 
 
@@ -142,6 +150,20 @@ def _resolve(cfg: Config, mesh: Mesh, rules) -> dict[str, tuple[str, ...]]:
     return table
 
 
+def seq_axes(mesh: Mesh, table, seq: int | None) -> tuple[str, ...]:
+    """The mesh axes a sequence of `seq` positions a row is split over: none for one position
+    (decoding: every device of the axis holds it); an error when it does not divide."""
+    axes = tuple(a for a in table.get("seq", ()) if mesh.shape[a] > 1)
+    k = _size(mesh, axes)
+    if seq is None or k == 1 or seq == 1:
+        return axes if seq != 1 else ()
+    if seq % k:
+        raise ShardingError(f"a sequence of {seq} positions does not split over mesh axis "
+                            f"{'x'.join(axes)} of size {k}: choose a length (prefill_chunk, "
+                            f"--seq) that is a multiple of {k}")
+    return axes
+
+
 def batch_axes(mesh: Mesh, table, batch: int | None) -> tuple[str, ...]:
     """The leading batch mesh axes whose product divides `batch` (all of them when None)."""
     out, k = [], 1
@@ -181,8 +203,17 @@ class Plan:
     def constrain(self, x, logical):
         return jax.lax.with_sharding_constraint(x, self.sharding(logical, x.shape, "activation"))
 
+    def splits(self, logical: str) -> bool:
+        return bool(self.axes(logical))
+
     def dispatch_experts(self, body, xs, ids, wi_gate, wi_up, wo):
         return expert_parallel(self, body, xs, ids, wi_gate, wi_up, wo)
+
+    def gathered_attention(self, local, q, k, v, positions):
+        return context.gathered_attention(self, local, q, k, v, positions)
+
+    def cache_state(self, local, qg, q_pos, layer_cache, chunk, **kw):
+        return context.cache_state(self, local, qg, q_pos, layer_cache, chunk, **kw)
 
     def put(self, x, logical, what: str = "array"):
         """Host or device data -> a global array split as `logical` says (every process passes
@@ -191,8 +222,16 @@ class Plan:
 
     def cache_shardings(self, cache):
         """Shardings for a KV cache tree (model.kv_cache layout) of arrays or shape structs."""
-        return {name: {n: self.sharding(kv_cache.AXES[n], a.shape, f"cache {name}/{n}")
+        return {name: {n: self.leaf_sharding(kv_cache.AXES[n], a, f"cache {name}/{n}")
                        for n, a in layer.items()} for name, layer in cache.items()}
+
+    def leaf_sharding(self, logical, a, what: str = "array"):
+        """The sharding of array `a`; of a quantized one (an 8-bit cache buffer, a QArray) a
+        QArray of its qvalue's and scale's (child_sharding)."""
+        s = self.sharding(logical, a.shape, what)
+        if is_quantized(a):
+            return jax.tree.map(lambda c: child_sharding(s, a.shape, c.shape), a)
+        return s
 
     def init_cache(self, cfg: Config, batch: int, max_len: int, dtype=None):
         """An empty KV cache created in place on the mesh (no device holds all of it)."""
@@ -200,10 +239,13 @@ class Plan:
         return jax.jit(make, out_shardings=self.cache_shardings(jax.eval_shape(make)))()
 
 
-def make_plan(cfg: Config, mesh: Mesh, rules="combined", batch: int | None = None) -> Plan:
-    """The plan for `cfg` on `mesh` with a strategy's rules; `batch` picks the batch split."""
+def make_plan(cfg: Config, mesh: Mesh, rules="combined", batch: int | None = None,
+              seq: int | None = None) -> Plan:
+    """The plan for `cfg` on `mesh` with a strategy's rules; `batch` and `seq` (rows and
+    positions a row of the arrays it will run on) pick the batch and sequence splits."""
     table = _resolve(cfg, mesh, rules)
     table["batch"] = batch_axes(mesh, table, batch)
+    table["seq"] = seq_axes(mesh, table, seq)
     return Plan(mesh, tuple(sorted(table.items())))
 
 
@@ -223,13 +265,26 @@ def shard_params(cfg: Config, params, mesh: Mesh, rules="combined"):
         extra = sorted(set(params) - set(shardings))
         if extra:
             raise ShardingError(f"params hold {extra}, which this config does not declare")
-    return jax.tree.map(_put, params, shardings)
+    return jax.tree.map(_put_leaf, params, shardings, is_leaf=is_quantized)
 
 
-def place(cfg: Config, params, batch: int, mesh: Mesh, rules="combined"):
-    """(plan, params placed) for a batch of `batch` rows on `mesh` (params already placed so stay
-    where they are): what model.forward and model.generate run a mesh with."""
-    return make_plan(cfg, mesh, rules, batch=batch), shard_params(cfg, params, mesh, rules)
+def place(cfg: Config, params, batch: int, seq: int, mesh: Mesh, rules="combined"):
+    """(plan, params placed) for `batch` rows of `seq` positions on `mesh` (params already placed
+    so stay where they are): what model.forward and model.generate run a mesh with."""
+    return make_plan(cfg, mesh, rules, batch, seq), shard_params(cfg, params, mesh, rules)
+
+
+def child_sharding(sharding: NamedSharding, full, child) -> NamedSharding:
+    """A quantized leaf's qvalue or scale (shape `child`) placed as its weight (shape `full`):
+    the same split, but none on the axes the scale reduces to size 1."""
+    return NamedSharding(sharding.mesh, P(*child_axes(sharding.spec, full, child)))
+
+
+def _put_leaf(x, sharding: NamedSharding):
+    """_put, for a quantized leaf (a QArray) its qvalue and scale: sharded with their weight."""
+    if is_quantized(x):
+        return jax.tree.map(lambda c: _put(c, child_sharding(sharding, x.shape, c.shape)), x)
+    return _put(x, sharding)
 
 
 def _put(x, sharding: NamedSharding):

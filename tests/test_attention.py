@@ -52,14 +52,15 @@ def test_chunked_attention_never_builds_a_txt_buffer():
 
 
 def test_temperature_scale_steps_at_the_documented_position():
-    # LLAMA4.md: 1.0 up to p = 8190, then 1 + 0.1 ln 2 from p = 8191.
+    # docs/architecture.md, section 2: 1.0 up to p = 8190, then 1 + 0.1 ln 2 from p = 8191.
     s = temperature_scale(jnp.array([0, 8190, 8191, 16382, 16383]), 8192.0, 0.1)
     np.testing.assert_allclose(s, [1, 1, 1 + 0.1 * np.log(2), 1 + 0.1 * np.log(2),
                                    1 + 0.1 * np.log(3)], rtol=1e-6)
 
 
 def test_scout_rope_scaling_keeps_35_frequencies():
-    # LLAMA4.md: with factor 16, low == high == 1, theta 5e5, dim 128: 35 kept, 29 divided by 16.
+    # docs/architecture.md, section 1: with factor 16, low == high == 1, theta 5e5, dim 128: 35
+    # kept, 29 divided by 16.
     plain = inv_frequencies(128, 500000.0, None)
     scaled = inv_frequencies(128, 500000.0, RopeScaling(16.0, 1.0, 1.0, 8192))
     kept = np.isclose(scaled, plain, rtol=0)
@@ -85,8 +86,8 @@ def test_cached_attention_in_blocks_equals_dense(T, chunk):
     dense = A.cached_attention(q, k_new, v_new, q_pos, cache, chunk)
     blocks = A.cached_attention(q, k_new, v_new, q_pos, cache, chunk, dense_max_len=4, block=4)
     np.testing.assert_allclose(blocks, dense, rtol=1e-5, atol=1e-5)
-    # No score tensor over the whole cache (the dense path has one, over cache + new keys).
+    # No score tensor over the whole cache (the dense path has one, [.., T, S]).
     hlo = lambda **kw: jax.jit(lambda q: A.cached_attention(  # noqa: E731
         q, k_new, v_new, q_pos, cache, chunk, **kw)).lower(q).as_text()
-    scores = f"x{T}x{S + T}xf32>"
+    scores = f"x{T}x{S}xf32>"
     assert scores in hlo() and scores not in hlo(dense_max_len=4, block=4)

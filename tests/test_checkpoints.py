@@ -296,11 +296,6 @@ def test_destination_exists(hf_dirs, tmp_path, capsys):
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_hf_dir_is_not_an_orbax_dir(hf_dirs, tmp_path, capsys):
-    src = hf_dirs["five_layers"][0]
-    fails(capsys, [src, tmp_path / "out", "--to", "hf"], src, "not an Orbax checkpoint")
-
-
 def test_damaged_orbax_data(hf_dirs, tmp_path):
     src = tmp_path / "orbax"
     conversion.hf_to_orbax(hf_dirs["five_layers"][0], src, progress=False)

@@ -29,7 +29,8 @@ def test_period_falls_back_to_depth_when_pattern_does_not_repeat():
 
 
 def test_published_param_counts_from_config():
-    # LLAMA4.md: text parameters 107.8B (Scout) and 400.7B (Maverick); both 17B active.
+    # docs/architecture.md, section 1: text parameters 107.8B (Scout) and 400.7B (Maverick); both
+    # 17B active.
     scout, maverick = C.param_count(C.SCOUT), C.param_count(C.MAVERICK)
     assert abs(scout["text"] / 107.8e9 - 1) < 0.01
     assert abs(maverick["text"] / 400.7e9 - 1) < 0.01

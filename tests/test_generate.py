@@ -146,6 +146,55 @@ def test_bad_input(pair, prompt, kw, message):
         model.generate(cfg, params, prompt, **{"max_new_tokens": 4, **kw})
 
 
+@pytest.mark.parametrize("ids, bad", [([[1, 2, 100000]], 100000), (np.array([[1, -1]]), -1),
+                                      (np.array([[2**40]]), 2**40)])
+def test_forward_refuses_ids_outside_the_vocabulary_as_generate_does(pair, ids, bad):
+    """One check for both (model.inputs): not another token, which the embedding lookup would
+    make of it (it clamps: 100000 reads 96, -1 reads 0)."""
+    _, cfg, params = pair
+    message = (rf"token id {bad} is outside the vocabulary 0\.\.96|outside the vocabulary "
+               rf"0\.\.96, e\.g\. {bad} at position")
+    with pytest.raises(ValueError, match=message):
+        model.forward(cfg, params, ids)
+    with pytest.raises(ValueError, match=message):
+        model.generate(cfg, params, ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match="input_ids must hold integer token ids"):
+        model.forward(cfg, params, [[1, 2.5]])
+
+
+def test_forward_under_a_callers_jit(pair):
+    _, cfg, params = pair
+    ids = np.array([[1, 2, 3]])
+    traced = jax.jit(lambda i: model.forward(cfg, params, i))(ids)
+    np.testing.assert_array_equal(traced, model.forward(cfg, params, ids))
+
+
+def test_decode_compiles_once_for_a_ragged_last_call(pair):
+    """max_new_tokens not a multiple of stream_every: the last, shorter call runs the same
+    program (its length is an argument, not part of the program), and compile_decode is that
+    program, compiled ahead."""
+    _, cfg, params = pair
+    compiled = []
+
+    def listen(event, seconds, **kw):
+        if event == "/jax/core/compile/backend_compile_duration" and kw.get("fun_name") == \
+                "jit(decode)":
+            compiled.append(seconds)
+    _, state = sampling.prefill(cfg, params, [[5, 6, 7]], max_new_tokens=10, seed=3)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        kw = dict(max_new_tokens=10, stream_every=4, temperature=0.7, top_k=7, stop_tokens=[])
+        sampling.compile_decode(cfg, params, state, **kw)
+        assert len(compiled) == 1
+        chunks = list(sampling.decode_stream(cfg, params, state, **kw))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert [c.shape[1] for c in chunks] == [4, 4, 2] and len(compiled) == 1
+    whole = model.generate(cfg, params, [[5, 6, 7]], max_new_tokens=10, seed=3, temperature=0.7,
+                           top_k=7, stop_tokens=[])
+    np.testing.assert_array_equal(np.concatenate(chunks, axis=1), whole[:, 3:])
+
+
 def test_streaming_needs_a_positive_stream_every(pair):
     _, cfg, params = pair
     _, state = sampling.prefill(cfg, params, [[1, 2]], max_new_tokens=4)

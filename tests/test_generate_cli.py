@@ -1,5 +1,12 @@
 """The generate command end to end: a tiny HF checkpoint with a tokenizer, streamed text out,
 held equal to what model.generate gives for the same prompt and sampling settings."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 import checkpoints
@@ -17,19 +24,80 @@ def expected_new_tokens(ckpt, ids, stop, pixel_values=None, **sampling):
     return next((out[:i] for i, t in enumerate(out) if t in stop), out)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, tok):  # noqa: F811
     path, _ = make_hf_text_model(tmp_path_factory.mktemp("cli"), vocab_size=512)
     tok.tk.save(str(path / "tokenizer.json"))
+    # The tokenizer's stops, as a published generation_config.json lists them (save_pretrained
+    # wrote the tiny config's eos_token_id, 2)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": tok.stop_ids}))
     return path
 
 
 def test_prompt_streams_text_and_speeds(ckpt, tok, capsys):  # noqa: F811
-    generate.main(["--ckpt", str(ckpt), "--prompt", "def fib(n):", "--max-new-tokens", "12"])
+    generate.main(["--ckpt", str(ckpt), "--prompt", "def fib(n):", "--max-new-tokens", "12",
+                   "--stream-every", "5"])
     out, err = capsys.readouterr()
-    new = expected_new_tokens(ckpt, tok.encode("def fib(n):"), tok.stop_ids, max_new_tokens=12)
+    ids = tok.encode("def fib(n):")
+    new = expected_new_tokens(ckpt, ids, tok.stop_ids, max_new_tokens=12)
     assert new and out == "def fib(n):" + "".join(tok.stream(new))  # text as it streams
-    assert f"decode: {len(new)} tokens" in err and "prefill:" in err
+    # the compiles are announced; decode's is timed apart from decoding
+    assert f"prefill: compiling and running {len(ids)} prompt tokens...\n" \
+           "compiling decode for 5 steps a call...\n" in err
+    assert f"decode: {len(new)} tokens in " in err and "s before)" in err and "prefill:" in err
+
+
+def test_generation_config_sets_the_defaults_and_flags_override_it(ckpt, tok, tmp_path,  # noqa: F811
+                                                                     capsys):
+    sampled = tmp_path / "sampled"
+    shutil.copytree(ckpt, sampled)
+    stop = tok.stop_ids[-1:]
+    (sampled / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.8, "top_k": 20, "top_p": 0.9, "eos_token_id": stop}))
+    ids = tok.encode("def fib(n):")
+    generate.main(["--ckpt", str(sampled), "--prompt", "def fib(n):", "--max-new-tokens", "8"])
+    out, err = capsys.readouterr()
+    new = expected_new_tokens(sampled, ids, stop, max_new_tokens=8, temperature=0.8, top_k=20,
+                              top_p=0.9)
+    assert out == "def fib(n):" + "".join(tok.stream(new))
+    assert (f"from generation_config.json: temperature 0.8, top_k 20, top_p 0.9, stop_tokens "
+            f"{stop}\n") in err
+    generate.main(["--ckpt", str(sampled), "--prompt", "def fib(n):", "--max-new-tokens", "8",
+                   "--temperature", "0"])
+    out, err = capsys.readouterr()
+    assert out == "def fib(n):" + "".join(tok.stream(expected_new_tokens(
+        sampled, ids, stop, max_new_tokens=8)))
+    assert f"from generation_config.json: stop_tokens {stop}\n" in err
+
+
+def test_a_checkpoint_without_a_tokenizer_names_the_flag(ckpt, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    shutil.copytree(ckpt, bare)
+    (bare / "tokenizer.json").unlink()
+    with pytest.raises(SystemExit):
+        generate.main(["--ckpt", str(bare), "--prompt", "hi"])
+    assert capsys.readouterr().err == (f"error: {bare} carries no tokenizer.json (looked in "
+                                       f"{bare}); pass --tokenizer FILE, or token ids with "
+                                       "--prompt-ids\n")
+    generate.main(["--ckpt", str(bare), "--tokenizer", str(ckpt / "tokenizer.json"), "--prompt",
+                   "hi", "--max-new-tokens", "2"])
+    assert capsys.readouterr().out.startswith("hi")
+
+
+@pytest.mark.slow
+def test_a_mesh_on_simulated_devices(ckpt, tok):  # noqa: F811
+    """--mesh with --devices N in a fresh process (one CPU device by default): the same tokens
+    as on one device."""
+    run = subprocess.run([sys.executable, "-m", "experiments.generate", "--ckpt", str(ckpt),
+                          "--prompt-ids", "5,6,7", "--max-new-tokens", "6", "--mesh", "tensor=2",
+                          "--devices", "2"], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [str(t) for t in expected_new_tokens(
+        ckpt, [5, 6, 7], tok.stop_ids, max_new_tokens=6)]
 
 
 def test_chat_and_sampling_flags(ckpt, tok, capsys):  # noqa: F811
@@ -42,11 +110,10 @@ def test_chat_and_sampling_flags(ckpt, tok, capsys):  # noqa: F811
     assert out == "".join(tok.stream(new))
 
 
-def test_prompt_ids_without_tokenizer(ckpt, capsys):
+def test_prompt_ids_without_tokenizer(ckpt, tok, capsys):  # noqa: F811
     generate.main(["--ckpt", str(ckpt), "--prompt-ids", "5,6,7", "--max-new-tokens", "5"])
     out = capsys.readouterr().out.split()
-    cfg, _ = checkpoints.load(ckpt)
-    new = expected_new_tokens(ckpt, [5, 6, 7], list(cfg.text.eos_token_ids), max_new_tokens=5)
+    new = expected_new_tokens(ckpt, [5, 6, 7], tok.stop_ids, max_new_tokens=5)  # the file's
     assert out == [str(t) for t in new]
 
 
@@ -84,6 +151,7 @@ def mm_ckpt(tmp_path_factory, tok):  # noqa: F811
         top=dict(image_token_index=tok.special["patch"], boi_token_index=tok.special["image_start"],
                  eoi_token_index=tok.special["image_end"]))
     tok.tk.save(str(path / "tokenizer.json"))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": tok.stop_ids}))
     return path
 
 

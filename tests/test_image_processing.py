@@ -1,7 +1,8 @@
 """Llama 4 image tiling: the canvas rule on hand-worked cases, pixels, the token layout, bad input.
 
 HF's Llama4ImageProcessor needs torchvision (not installed here), so the cases are worked by hand
-from the rule in LLAMA4.md section 4 and cross-checked against an exact-fraction statement of it.
+from the rule (docs/architecture.md, "Image processor") and cross-checked against an
+exact-fraction statement of it.
 """
 import random
 from fractions import Fraction
@@ -143,3 +144,52 @@ def test_bad_images(image, message):
 def test_text_must_be_token_ids():
     with pytest.raises(ValueError, match=r"parts\[0\] is a str"):
         IP.build_inputs(["hello", _img(10, 10)])
+
+
+def test_the_readme_spelling_works_in_a_fresh_process():
+    """`import model` is enough for model.image_processing and model.tokenizer (the README's
+    image and text snippets): nothing else imported them first."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import model; print(model.image_processing.build_inputs.__name__, "
+            "model.tokenizer.Tokenizer.__name__)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1],
+                         env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 0 and run.stdout.split() == ["build_inputs", "Tokenizer"], run.stderr
+
+
+def test_image_ids_come_from_one_place():
+    """A checkpoint whose image ids are not Llama 4's: without its tokenizer's ids, an error (the
+    config holds three of the six, and the other three would be Llama 4's, outside a small
+    vocabulary); with them, every id of the layout is the tokenizer's."""
+    from experiments.tiny_checkpoint import train_tokenizer
+    from model.tokenizer import Tokenizer
+    from tests.hf_models import multimodal_config
+    tok = Tokenizer(train_tokenizer(["def f(x):\n    return x\n"] * 5, 300))
+    cfg = multimodal_config(image_token_id=tok.special["patch"]).replace(
+        boi_token_id=tok.special["image_start"], eoi_token_id=tok.special["image_end"])
+    image = _img(70, 40)  # several tiles of 32 pixels (so separators), and the global tile
+    with pytest.raises(ValueError, match=r"image ids are not Llama 4's \(<\|patch\|> "
+                                         f"{tok.special['patch']} \\(Llama 4's: 200092\\)"):
+        IP.build_inputs([[1], image, [2]], cfg)
+    tokens = IP.ImageTokens.from_tokenizer(tok)
+    ids, px = IP.build_inputs([[1], image, [2]], cfg, tokens=tokens)
+    layout = set(ids.tolist()) - {1, 2}
+    assert layout == {tok.special[n] for n in ("image_start", "image_end", "tile_x_separator",
+                                               "tile_y_separator", "image", "patch")}
+    assert max(ids) < tok.vocab_size
+    assert int((ids == tok.special["patch"]).sum()) == 16 * len(px)  # 16 features per tile
+    with pytest.raises(ValueError, match="tokens.patch 7 is not the checkpoint's <\\|patch\\|>"):
+        IP.build_inputs([[1], image], cfg, tokens=IP.ImageTokens(patch=7))
+
+
+def test_a_tokenizer_without_the_image_tokens():
+    from model.tokenizer import Tokenizer
+    from training import byte_tokenizer  # bytes and the chat tokens only
+    with pytest.raises(ValueError, match=r"the tokenizer has no <\|image_start\|>, "
+                                         r"<\|image_end\|>, <\|tile_x_separator\|>, "
+                                         r"<\|tile_y_separator\|>, <\|image\|>, <\|patch\|> "
+                                         r"token\(s\), which an image's layout needs"):
+        IP.ImageTokens.from_tokenizer(Tokenizer(byte_tokenizer().tk))

@@ -67,3 +67,13 @@ def test_what_an_early_kill_leaves_is_taken_up(tmp_path, left):
         (out / name).write_text("{}")
     quickstart.claim_out(str(out), {"steps": 3})
     assert json.loads((out / quickstart.MARKER).read_text()) == {"steps": 3}
+
+
+def test_the_loss_against_the_entropy_reads_right_both_ways():
+    # a short run ends above the byte unigram entropy: it used to print "-2.96 bits/byte below"
+    assert quickstart.versus_entropy(7.5, 4.54) == (
+        "2.96 bits/byte above the byte unigram entropy of the corpus, 4.540: too few steps to "
+        "learn even how often each byte occurs")
+    assert quickstart.versus_entropy(2.08, 4.54) == (
+        "2.46 bits/byte below the byte unigram entropy of the corpus, 4.540 (train loss = 46% of "
+        "it)")

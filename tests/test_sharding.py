@@ -110,6 +110,23 @@ def test_bad_meshes():
         sharding.make_mesh("data")
 
 
+def test_a_mesh_beyond_the_cpu_devices_says_how_to_simulate_them():
+    n = len(jax.devices())  # 8 simulated here (conftest.py)
+    with pytest.raises(ShardingError) as e:
+        sharding.make_mesh(f"data=2,fsdp={n}")
+    assert str(e.value) == (
+        f"mesh data=2,fsdp={n} has {2 * n} devices but there are {n}: the axis sizes must multiply "
+        f"to the device count. To try it on this CPU machine, simulate {2 * n} devices before JAX "
+        f"starts: --devices {2 * n} on the command lines, or in Python "
+        f"`jax.config.update(\"jax_num_cpu_devices\", {2 * n})` right after `import jax` (or "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={2 * n})")
+    # Once JAX has started, the devices there are what can be had
+    assert sharding.simulate_cpu_devices(n // 2) == jax.devices("cpu")[:n // 2]
+    with pytest.raises(ShardingError, match=f"cannot simulate {2 * n} CPU devices: JAX started "
+                                            f"with {n}"):
+        sharding.simulate_cpu_devices(2 * n)
+
+
 def test_indivisible_heads_and_experts(ref):
     cfg, params, ids, *_ = ref
     with pytest.raises(ShardingError, match="4 attention heads are not divisible by mesh axis "

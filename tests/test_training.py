@@ -91,6 +91,30 @@ def test_bad_input_is_one_clear_error_and_leaves_checkpoints_alone(tmp_path, tex
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
+def test_what_a_run_says_off_a_terminal(tmp_path, text_file, capsys):
+    """On stderr that is not a terminal: a plain line every --log-every steps, the loss in bits
+    per byte (the byte tokenizer), max_load explained, the compile announced; --resume with
+    nothing to resume says so; a --warmup longer than the run is scaled, with a warning."""
+    out = tmp_path / "run"
+    main(["--data", str(text_file), "--out", str(out), "--steps", "4", "--batch", "2", "--seq",
+          "16", "--save-every", "4", "--log-every", "2", "--resume", "--no-async"])
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert f"{out} holds no checkpoint to resume from: starting from scratch" in err
+    assert ("warning: --warmup 100 is not below --steps 4, so the learning rate would never "
+            "reach --lr; warming up for 0 steps instead") in err
+    assert "compiling the train step (2 x 16 tokens)..." in err
+    assert "max_load: the busiest expert's share of the routed tokens x 4 experts" in err
+    lines = [line for line in err.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 2/4", "step 4/4", "step 4"], err
+    m = read_metrics(out)
+    for line, rec in zip(lines, m[1::2]):
+        assert f"loss {rec['ce'] / np.log(2):.3f} bits/byte" in line and "max_load " in line
+    assert f"loss {m[-1]['ce'] / np.log(2):.3f} bits/byte" in lines[-1]  # the summary's unit
+    assert max(r["lr"] for r in m) > 0.5 * 3e-4  # the set lr (3e-4) is reached
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--keep", "0"], "keep (--keep) must be an integer >= 1, got 0"),
     (["--lr", "nan"], "lr (--lr) must be a finite number in (0, inf], got nan"),
@@ -256,7 +280,7 @@ def test_batch_order_depends_only_on_the_step():
 
 
 @pytest.mark.slow
-def test_fine_tune_an_hf_checkpoint_on_chat_records(tmp_path):
+def test_fine_tune_an_hf_checkpoint_on_chat_records(tmp_path, capsys):
     from experiments.hf_reference import hf_text_model
     hf = hf_text_model(text(vocab_size=300))
     hf.save_pretrained(tmp_path / "hf")
@@ -272,6 +296,11 @@ def test_fine_tune_an_hf_checkpoint_on_chat_records(tmp_path):
     # Only assistant answers are scored: "2i." and <|eot|> after "\n\n", a few tokens a record.
     assert 0 < m[0]["targets"] < 2 * 64 / 4
     assert (out / "3").is_dir() and (out / "tokenizer.json").is_file()
+    # No tokenizer in the checkpoint: said, and bytes used; its generation_config.json goes along
+    assert (f"note: {tmp_path / 'hf'} has no tokenizer.json, so the data are tokenized as bytes"
+            in capsys.readouterr().err)
+    assert (out / "generation_config.json").read_bytes() == \
+        (tmp_path / "hf" / "generation_config.json").read_bytes()
 
 
 @pytest.mark.slow

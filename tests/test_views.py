@@ -78,7 +78,7 @@ def test_split_layouts_generate_as_stacked(tiny, decode_layout):
         rt = model.resolve(cfg, "decode", layout=layout)
         tokens, state = sampling.decode(
             cfg, rt, rt.view_params(params), state._replace(cache=rt.view_cache(state.cache)),
-            jnp.asarray([-1]), 0, steps=12, temperature=0.0, top_k=None, top_p=None)
+            jnp.asarray([-1]), 0, 12, steps=12, temperature=0.0, top_k=None, top_p=None)
         results[layout] = first, tokens, state
     (first_a, tok_a, state_a), (first_b, tok_b, state_b) = results["stacked"], results[decode_layout]
     np.testing.assert_allclose(first_a, first_b, rtol=1e-5, atol=1e-5)

@@ -108,7 +108,8 @@ def test_pixel_shuffle():
     ours = np.asarray(V.pixel_shuffle(jnp.asarray(x), 2))
     assert ours.shape == (2, 16, 48)
     np.testing.assert_array_equal(ours, ref)  # a permutation: exact
-    # LLAMA4.md: token (i, j) = patches (2i, 2j), (2i, 2j+1), (2i+1, 2j), (2i+1, 2j+1)
+    # docs/architecture.md, section 4: token (i, j) = patches (2i, 2j), (2i, 2j+1), (2i+1, 2j),
+    # (2i+1, 2j+1)
     grid = x.reshape(2, 8, 8, 12)
     i, j = 1, 2
     want = [grid[:, 2 * i, 2 * j], grid[:, 2 * i, 2 * j + 1], grid[:, 2 * i + 1, 2 * j],
@@ -198,7 +199,8 @@ def test_scout_total_with_vision_tower():
     count = lambda t: sum(math.prod(x.shape) for x in jax.tree.leaves(t))  # noqa: E731
     vision = count({k: shapes[k] for k in MM.VISION_KEYS})
     assert count(shapes) - vision == C.param_count(C.SCOUT)["text"]
-    assert abs(count(shapes) / 109.68e9 - 1) < 0.01  # LLAMA4.md section 6: the 4.51 dump's total
+    # docs/architecture.md, section 6: the whole checkpoint's total
+    assert abs(count(shapes) / 109.68e9 - 1) < 0.01
     assert shapes["vision"]["layers"]["attn"]["q"].shape == (34, 1408, 16, 88)
     assert shapes["vision"]["adapter"]["fc1"].shape == (5632, 4096)
     assert shapes["projector"]["kernel"].shape == (4096, 5120)

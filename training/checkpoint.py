@@ -5,7 +5,9 @@ HF config.json fields and, for an ablation variant, "variant": the fields HF has
 data position and fingerprint, batch, seed, optimizer settings).
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed
 mid-save leaves the previous checkpoints intact; a resume refuses a directory written by a
-different config or data before it writes anything.
+different config or data before it writes anything. `checkpoints.load`, `python -m
+checkpoints.convert` and `experiments.generate --ckpt` read a run directory (its latest step) or
+one step as a checkpoint (checkpoints/runs.py).
 """
 from __future__ import annotations
 
@@ -14,26 +16,16 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from model.config import Config, from_hf, split_variant, to_hf
+from checkpoints.runs import model_record  # beside its reader: the format in one place
 
 
 class ResumeError(ValueError):
     """A checkpoint directory that does not belong to this run; the message names the difference."""
 
 
-def model_record(cfg: Config) -> dict:
-    llama4, variant = split_variant(cfg)
-    return {"model": to_hf(llama4), **({"variant": variant} if variant else {}),
-            "compute": {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "remat": cfg.remat}}
-
-
-def config_from_meta(meta: dict) -> Config:
-    cfg = from_hf(meta["model"], "checkpoint meta").replace(**meta["compute"])
-    return cfg.replace_text(**meta.get("variant", {}))
-
-
-# Meta entries that may differ on resume: compute settings (dtype, remat) and the position.
-_MAY_CHANGE = ("compute", "step", "rows_consumed")
+# Meta entries that may differ on resume: compute settings (dtype, remat) and the position
+# (of the data order, or of GRPO's prompt sampler: training.grpo).
+_MAY_CHANGE = ("compute", "step", "rows_consumed", "sampler")
 
 
 def _one_device():
@@ -100,21 +92,8 @@ def check_resumable(saved: dict, current: dict, directory: str):
 
 
 def load_params(directory: str):
-    """(cfg, params) of the latest checkpoint of a training run directory (optimizer state is
-    not read)."""
-    ckpt = Checkpointer(directory, save_every=1, keep=None, use_async=False)
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no training checkpoint under {directory}")
-        meta = ckpt.meta(step)
-        cfg = config_from_meta(meta)
-        import model
-        abstract = {"params": model.param_shapes(cfg)}
-        out = ckpt._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=abstract, partial_restore=True,
-            restore_args=jax.tree.map(
-                lambda s: ocp.ArrayRestoreArgs(dtype=s.dtype, sharding=_one_device()), abstract))))
-    finally:
-        ckpt.close()
-    return cfg, out["state"]["params"]
+    """(cfg, params) of the latest checkpoint of a training run directory, or of one step of it
+    (OUT/<step>); the optimizer state is not read. `checkpoints.load` reads runs like any other
+    checkpoint; this is that call."""
+    import checkpoints
+    return checkpoints.load(directory)

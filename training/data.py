@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .text import DataError, Document
+from .text import DataError, Document, read_documents
 
 
 @dataclass
@@ -27,11 +27,20 @@ class Rows:
     def __len__(self):
         return self.tokens.shape[0]
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What a batch holds, each array [R, ...] indexed by row."""
+        return {"tokens": self.tokens, "weights": self.weights, "real": self.real}
+
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for a in (self.tokens, self.weights, self.real):
-            h.update(np.ascontiguousarray(a).tobytes())
-        return h.hexdigest()[:16]
+        return fingerprint(self.arrays().values())
+
+
+def fingerprint(arrays) -> str:
+    """A short hash of the arrays' bytes: a resume refuses data that changed."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
 
 
 def pack_stream(docs: list[Document], seq_len: int) -> Rows:
@@ -95,12 +104,36 @@ def pack(docs: list[Document], kind: str, seq_len: int, pad_id: int) -> Rows:
     return rows
 
 
+def read_token_data(tok, paths, seq: int, pad_id: int) -> tuple[Rows, str, str]:
+    """Text files or chat records packed into rows (SFT's data, and distillation's): (rows, kind
+    "text" or "chat", a line saying what they hold)."""
+    docs, kind = read_documents(tok, paths)
+    rows = pack(docs, kind, seq, pad_id)
+    return rows, kind, (f"{len(docs)} {kind} documents -> {len(rows)} rows of {seq + 1} tokens, "
+                        f"{int(rows.weights.sum()):,} targets")
+
+
+def pad_rows(docs: list[Document], seq_len: int, pad_id: int):
+    """One document a row, padded: (tokens, weights, real) [len(docs), seq_len + 1]; each
+    document at most seq_len + 1 tokens (the caller says where one is longer)."""
+    n = np.array([len(d.ids) for d in docs])
+    real = np.arange(seq_len + 1)[None, :] < n[:, None]
+    tokens = np.full(real.shape, pad_id, np.int32)
+    weights = np.zeros(real.shape, np.float32)
+    tokens[real] = np.concatenate([d.ids for d in docs])
+    weights[real] = np.concatenate([d.weights for d in docs])
+    return tokens, weights, real
+
+
 class Batches:
     """Batch `step` = rows [step * B, (step + 1) * B) of an endless sequence of epochs, each epoch
-    a permutation of all rows drawn from (seed, epoch)."""
+    a permutation of all rows drawn from (seed, epoch). `rows`: anything with `len` and
+    `arrays()` (Rows; the preference pairs of training.dpo). The train loop reads it as a
+    source of batches: `batch_at`, `abstract`, `position` and `restore` (see training.loop)."""
 
-    def __init__(self, rows: Rows, batch_size: int, seed: int):
+    def __init__(self, rows, batch_size: int, seed: int):
         self.rows, self.B, self.seed = rows, batch_size, seed
+        self._arrays = rows.arrays()
         self._perm_epoch, self._perm = -1, None
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -112,9 +145,17 @@ class Batches:
     def rows_consumed(self, step: int) -> int:
         return step * self.B
 
-    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+    def position(self, step: int) -> dict:
+        return {"rows_consumed": self.rows_consumed(step)}
+
+    def restore(self, meta: dict):
+        """Nothing to restore: the order is a function of the step."""
+
+    def abstract(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return {k: ((self.B, *a.shape[1:]), a.dtype) for k, a in self._arrays.items()}
+
+    def batch_at(self, step: int, params=None) -> dict[str, np.ndarray]:
         R = len(self.rows)
         g = np.arange(step * self.B, (step + 1) * self.B)
         idx = np.concatenate([self._order(e)[g[g // R == e] % R] for e in np.unique(g // R)])
-        return {"tokens": self.rows.tokens[idx], "weights": self.rows.weights[idx],
-                "real": self.rows.real[idx]}
+        return {k: a[idx] for k, a in self._arrays.items()}

@@ -2,9 +2,10 @@
 
 A run directory holds the Orbax checkpoints (see checkpoint.py) and `metrics.jsonl`, one line per
 step: {"step": s, "loss": ..., "ce": ..., "aux": ..., "load": [[f_e per expert] per MoE layer],
-"grad_norm", "lr", "tokens_per_s"}, where step s is the s-th update and its loss was measured on
-the parameters before that update. On resume, lines past the restored step (written by the
-killed run after its last checkpoint) are dropped, so the file reads as one uninterrupted run.
+"grad_norm", "lr", "tokens_per_s"} (other objectives log their own: training.objectives), where
+step s is the s-th update and its loss was measured on the parameters before that update. On
+resume, lines past the restored step (written by the killed run after its last checkpoint) are
+dropped, so the file reads as one uninterrupted run.
 """
 from __future__ import annotations
 
@@ -17,19 +18,18 @@ from dataclasses import dataclass
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
-
 import model
 from model.config import Config
 import sharding
 
 from . import memory
 from .checkpoint import Checkpointer, ResumeError, check_resumable, model_record
-from .data import Batches, Rows
+from .data import Rows
+from .progress import Progress
 from .settings import SettingsError, require_int
+from .objectives import SFT
 from .step import OptimConfig, init_state, make_optimizer, make_train_step
 
 
@@ -45,6 +45,7 @@ class RunConfig:
     stop_at: int | None = None  # stop (and save) after this step; the schedule still runs to steps
     async_save: bool = True
     progress: bool = True
+    log_every: int | None = None  # off a terminal, a progress line every this many steps
     mesh: str | None = None    # e.g. "data=2,fsdp=4": train sharded over these devices (sharding/)
     rules: str = "combined"    # the sharding strategy's rules (sharding.rules)
 
@@ -52,6 +53,7 @@ class RunConfig:
         for field in ("batch", "seq", "save_every", "keep"):  # keep 0 would delete the final state
             require_int(self, field, 1)
         require_int(self, "stop_at", 1, optional=True)
+        require_int(self, "log_every", 1, optional=True)
         require_int(self, "seed", 0)
 
 
@@ -116,12 +118,26 @@ def _diverged(step: int, finite, m: dict, ckpt: Checkpointer):
                         "and start a new run.")
 
 
-def _abstract_batch(run: RunConfig, plan=None):
-    shape = (run.batch, run.seq + 1)
-    sh = None if plan is None else plan.sharding(("batch", "seq"), shape)
-    return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
-            "weights": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh),
-            "real": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=sh)}
+def _batch_axes(ndim: int) -> tuple[str, ...]:
+    """Logical axes of a batch array: rows, then positions (per-row values have no positions)."""
+    return ("batch", "seq")[:ndim]
+
+
+def _abstract_batch(source, plan=None):
+    def struct(shape, dtype):
+        sh = None if plan is None else plan.sharding(_batch_axes(len(shape)), shape)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+    return {k: struct(shape, dtype) for k, (shape, dtype) in source.abstract().items()}
+
+
+def _place_frozen(objective, plan):
+    """The params of the models the objective reads but does not train, placed like the
+    policy's: on the first device, or split over the mesh by the policy's rules (applied to
+    their own config: see training.distill)."""
+    if plan is None:
+        return {k: jax.device_put(p) for k, (_, p) in objective.frozen().items()}
+    return {k: sharding.shard_params(c, p, plan.mesh, plan.rules)
+            for k, (c, p) in objective.frozen().items()}
 
 
 def state_shardings(abstract_state, param_shardings, mesh):
@@ -145,30 +161,40 @@ def state_shardings(abstract_state, param_shardings, mesh):
 
 def train(cfg: Config, make_params: Callable[[], dict], rows: Rows, run: RunConfig,
           optim: OptimConfig, data_info: dict | None = None, tokenizer=None,
-          on_step: Callable[[dict], None] | None = None):
+          on_step: Callable[[dict], None] | None = None,
+          on_start: Callable[[str], None] | None = None, objective=None):
     """Train to `optim.steps`, resuming from run.out's latest checkpoint when run.resume.
     `make_params()` is called only when starting fresh; `tokenizer` (a model.tokenizer.Tokenizer)
-    is saved as OUT/tokenizer.json. Returns (state, metrics of this call)."""
+    is saved as OUT/tokenizer.json; `on_start(OUT)` is called once OUT is known to be this run's,
+    before the first step (experiments.train copies its --init's non-weight files there).
+    `objective` (training.objectives; SFT by default) says what `rows` are and what the step
+    minimises. Returns (state, metrics of this call)."""
+    objective = objective or SFT()
     check_run(cfg, run)
     plan = None
     if run.mesh is not None:  # a bad mesh or rules fail here, before anything is written
-        plan = sharding.make_plan(cfg, sharding.make_mesh(run.mesh), run.rules, batch=run.batch)
-    memory.check_estimate(cfg, run.batch, run.seq, 1 if plan is None else plan.mesh.size)
+        plan = sharding.make_plan(cfg, sharding.make_mesh(run.mesh), run.rules, batch=run.batch,
+                                  seq=run.seq)
+    memory.check_estimate(cfg, run.batch * objective.rows_per_item, run.seq,
+                          1 if plan is None else plan.mesh.size)
     os.makedirs(run.out, exist_ok=True)
     ckpt = Checkpointer(run.out, run.save_every, run.keep, run.async_save)
     try:
         return _train(cfg, make_params, rows, run, optim, data_info or {}, tokenizer, on_step,
-                      ckpt, plan)
+                      on_start, ckpt, plan, objective)
     finally:
         ckpt.close()
 
 
-def _train(cfg: Config, make_params, rows, run, optim, data_info, tokenizer, on_step, ckpt, plan):
+def _train(cfg: Config, make_params, rows, run, optim, data_info, tokenizer, on_step, on_start,
+           ckpt, plan, objective):
     opt = make_optimizer(optim)
     meta = model_record(cfg) | {
         "data": {"fingerprint": rows.fingerprint(), "rows": len(rows), "seq_len": run.seq,
                  "batch_size": run.batch, "seed": run.seed, **data_info},
         "optim": dataclasses.asdict(optim)}
+    if objective.record() is not None:
+        meta["objective"] = objective.record()
     abstract = jax.eval_shape(lambda p: init_state(p, opt, run.seed), model.param_shapes(cfg))
     shardings = None
     if plan is not None:
@@ -182,37 +208,50 @@ def _train(cfg: Config, make_params, rows, run, optim, data_info, tokenizer, on_
                           "--resume to continue that run, or choose a new --out directory")
     if latest is not None:
         check_resumable(ckpt.meta(latest), meta, run.out)
-        state, _ = ckpt.restore(abstract, latest)
+        state, saved = ckpt.restore(abstract, latest)
         _truncate_metrics(run, latest)
         print(f"resuming {run.out} from step {latest}", file=sys.stderr)
     else:
+        if run.resume:
+            print(f"{run.out} holds no checkpoint to resume from: starting from scratch",
+                  file=sys.stderr)
         if os.path.exists(_metrics_path(run)):
             os.remove(_metrics_path(run))
         state = init_state(make_params(), opt, run.seed)
         if shardings is not None:
             state = jax.device_put(state, shardings)
+    if on_start is not None:
+        on_start(run.out)
     if tokenizer is not None:
         tokenizer.tk.save(os.path.join(run.out, "tokenizer.json"))
     start = int(state["step"])
     end = optim.steps if run.stop_at is None else min(run.stop_at, optim.steps)
 
-    step_fn = make_train_step(cfg, optim, plan=plan, state_shardings=shardings).lower(
-        abstract, _abstract_batch(run, plan)).compile()
+    source = objective.source(cfg, rows, run, plan)
+    if latest is not None:
+        source.restore(saved)
+    frozen = _place_frozen(objective, plan)
+    print(f"compiling the train step ({run.batch} x {run.seq} tokens)...", file=sys.stderr,
+          flush=True)
+    t0 = time.perf_counter()
+    step_fn = make_train_step(cfg, optim, plan=plan, state_shardings=shardings,
+                              objective=objective).lower(
+        abstract, _abstract_batch(source, plan), frozen).compile()
+    print(f"compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     def put(batch):  # one device, or split over the mesh's batch axes
         if plan is None:
             return jax.device_put(batch)
-        return {k: plan.put(v, ("batch", "seq")) for k, v in batch.items()}
+        return {k: plan.put(v, _batch_axes(np.ndim(v))) for k, v in batch.items()}
     memory.check_compiled(step_fn, run.batch, run.seq)
-    batches = Batches(rows, run.batch, run.seed)
     history = []
-    bar = tqdm(total=optim.steps, initial=start, disable=not run.progress, unit="step",
-               dynamic_ncols=True)
-    tokens_per_step = run.batch * run.seq
+    bar = Progress(optim.steps, start, run.progress, run.log_every,
+                   cfg.text.num_experts if cfg.text.moe_layers else 0, tokenizer)
+    tokens_per_step = run.batch * objective.rows_per_item * run.seq
     with open(_metrics_path(run), "a") as log:
         for s in range(start, end):
             t0 = time.perf_counter()
-            state, m = step_fn(state, put(batches.batch_at(s)))
+            state, m = step_fn(state, put(source.batch_at(s, state["params"])), frozen)
             m = jax.device_get(m)
             finite = m.pop("finite")
             if not finite.all():  # the step left the state as it was; stop before saving more
@@ -225,18 +264,12 @@ def _train(cfg: Config, make_params, rows, run, optim, data_info, tokenizer, on_
             log.write(json.dumps(rec) + "\n")
             log.flush()
             history.append(rec)
-            post = {"loss": f"{rec['ce']:.3f}", "tok/s": f"{rec['tokens_per_s']:,.0f}"}
-            if "load" in m:  # 1.0 = perfectly balanced experts
-                post["max_load"] = f"{float(np.max(m['load'])) * cfg.text.num_experts:.2f}"
-            bar.set_postfix(post, refresh=False)
-            bar.update(1)
-            ckpt.save(s + 1, state, meta | {"step": s + 1,
-                                             "rows_consumed": batches.rows_consumed(s + 1)})
+            bar.update(rec, m.get("load"))
+            ckpt.save(s + 1, state, meta | {"step": s + 1, **source.position(s + 1)})
             if on_step is not None:
                 on_step(rec)
     bar.close()
     if end > start:
-        ckpt.save(end, state, meta | {"step": end, "rows_consumed": batches.rows_consumed(end)},
-                  force=True)
+        ckpt.save(end, state, meta | {"step": end, **source.position(end)}, force=True)
     ckpt.wait()
     return state, history

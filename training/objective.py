@@ -1,4 +1,5 @@
-"""The training objective: masked next-token cross-entropy plus the router load-balancing loss.
+"""The SFT objective (masked next-token cross-entropy plus the router load-balancing loss), and
+the pieces every objective shares: the decoder call, token log-probs, the router loss.
 
 Load-balancing loss (one value per MoE layer, averaged over layers, times router_aux_loss_coef):
 
@@ -47,11 +48,36 @@ def load_balancing(logits, k: int, mask):
     return jnp.mean(E * jnp.sum(jax.lax.stop_gradient(f) * P, -1)), f
 
 
+def decode(cfg: Config, rt: Runtime, params, inputs):
+    """inputs [B, T] -> (logits [B, T, V] fp32, the sown intermediates): the decoder as every
+    objective runs it (`rt` a training runtime, model.resolve(cfg, "train", ...))."""
+    dec = {k: params[k] for k in DECODER_KEYS}
+    (logits, _), state = Decoder(cfg, rt).apply({"params": dec}, inputs,
+                                                mutable=["intermediates"])
+    return logits, state.get("intermediates", {})  # only MoE layers sow (their router logits)
+
+
+def token_logprobs(logits, targets):
+    """log p(target) [B, T] from logits [B, T, V] and targets [B, T]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
 def cross_entropy(logits, targets, weights):
     """Weighted mean of -log p(target): logits [B, T, V] fp32, targets/weights [B, T]."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    nll = -token_logprobs(logits, targets)
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def add_router_loss(cfg: Config, loss, metrics: dict, intermediates, real):
+    """loss + router_aux_loss_coef * the load-balancing loss over the real tokens real [B, T]
+    (those the model read); metrics gain "aux", "load" and "loss". Dense models: loss as is."""
+    if cfg.text.moe_layers:
+        aux, load = load_balancing(router_logits(intermediates), cfg.text.experts_per_token,
+                                   real.reshape(-1))
+        loss = loss + cfg.text.router_aux_loss_coef * aux
+        metrics = metrics | {"aux": aux, "load": load}
+    return loss, metrics | {"loss": loss}
 
 
 def loss_fn(cfg: Config, rt: Runtime, params, batch):
@@ -60,16 +86,7 @@ def loss_fn(cfg: Config, rt: Runtime, params, batch):
     tokens = batch["tokens"]
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     weights = batch["weights"][:, 1:].astype(jnp.float32)
-    dec = {k: params[k] for k in DECODER_KEYS}
-    (logits, _), state = Decoder(cfg, rt).apply({"params": dec}, inputs,
-                                                mutable=["intermediates"])
+    logits, intermediates = decode(cfg, rt, params, inputs)
     ce = cross_entropy(logits, targets, weights)
-    metrics = {"ce": ce, "targets": jnp.sum(weights)}
-    total = ce
-    if cfg.text.moe_layers:
-        aux, load = load_balancing(router_logits(state["intermediates"]), cfg.text.experts_per_token,
-                                   batch["real"][:, :-1].reshape(-1))
-        total = ce + cfg.text.router_aux_loss_coef * aux
-        metrics |= {"aux": aux, "load": load}
-    metrics["loss"] = total
-    return total, metrics
+    return add_router_loss(cfg, ce, {"ce": ce, "targets": jnp.sum(weights)}, intermediates,
+                           batch["real"][:, :-1])

@@ -19,6 +19,7 @@ import model
 from model.config import Config
 
 from .objective import loss_fn
+from .objectives import SFT
 from .settings import SettingsError, require_int, require_number
 
 
@@ -85,24 +86,27 @@ def _all_finite(tree) -> jax.Array:
 
 
 def make_train_step(cfg: Config, o: OptimConfig, plan=None, state_shardings=None,
-                    experts: str | None = None):
-    """(state, batch) -> (state, metrics); jitted, the state's buffers donated. metrics["finite"]
-    [3] says whether the loss, the gradients and the new state are finite; where any is not, the
-    state comes back unchanged. With a `plan`
-    (sharding.Plan) the model runs sharded as it says, and the new state keeps `state_shardings`
-    (see `training.loop.state_shardings`) so that it can be donated to the next step.
-    `experts` overrides the runtime's expert kernel (e.g. "dense", the reference)."""
+                    experts: str | None = None, objective=None):
+    """(state, batch, frozen) -> (state, metrics); jitted, the state's buffers donated.
+    metrics["finite"] [3] says whether the loss, the gradients and the new state are finite;
+    where any is not, the state comes back unchanged. `objective` (training.objectives; SFT by
+    default) gives the loss; `frozen` holds the params of the models it reads but does not train
+    (its `frozen()`), not donated. With a `plan` (sharding.Plan) the model runs sharded as it
+    says, and the new state keeps `state_shardings` (see `training.loop.state_shardings`) so that
+    it can be donated to the next step. `experts` overrides the runtime's expert kernel (e.g.
+    "dense", the reference)."""
     opt = make_optimizer(o)
     lr = schedule(o)
     rt = model.resolve(cfg, "train", plan, experts=experts)
+    loss = (objective or SFT()).loss(cfg, rt, plan)
     out_shardings = None
     if plan is not None:
         out_shardings = (state_shardings, NamedSharding(plan.mesh, PartitionSpec()))
 
     @functools.partial(jax.jit, donate_argnums=0, out_shardings=out_shardings)
-    def train_step(state, batch):
-        (_, metrics), grads = jax.value_and_grad(
-            functools.partial(loss_fn, cfg, rt), has_aux=True)(state["params"], batch)
+    def train_step(state, batch, frozen=None):
+        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state["params"], batch,
+                                                                     frozen)
         updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
         rng, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))
         new = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),

@@ -10,10 +10,11 @@ learns to answer and to stop, not to imitate the user.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -49,6 +50,16 @@ def byte_tokenizer():
     return Tokenizer(tk)
 
 
+def is_byte_tokenizer(tok) -> bool:
+    """Whether `tok` is `byte_tokenizer()` (one token a byte: a loss per token is per byte)."""
+    return tok.tk.get_vocab(with_added_tokens=True) == _byte_vocab()
+
+
+@functools.cache
+def _byte_vocab() -> dict[str, int]:
+    return byte_tokenizer().tk.get_vocab(with_added_tokens=True)
+
+
 def load_tokenizer(path: str | None):
     """A checkpoint's tokenizer.json (file or directory) via `model.tokenizer`; bytes if None."""
     if path is None:
@@ -74,21 +85,25 @@ def text_document(tok, text: str) -> Document:
     return Document(np.asarray(ids, np.int32), w)
 
 
-def chat_document(tok, messages: list, where: str = "record") -> Document:
+def chat_document(tok, messages: list, where: str = "record", context: int = 0) -> Document:
     """The chat as `Tokenizer.encode_chat` lays it out (without a generation prompt); the pieces
-    the assistant wrote (its content and end token) are the targets."""
+    the assistant wrote (its content and end token) are the targets, except in the first
+    `context` messages (a DPO prompt's history is context only)."""
     ids, w = [], []
     try:
-        for piece, by_assistant in tok.chat_pieces(messages, add_generation_prompt=False):
+        pieces = tok.chat_pieces(messages, add_generation_prompt=False)
+        for i, (piece, by_assistant) in enumerate(pieces):
             ids += piece
-            w += [float(by_assistant)] * len(piece)
+            # Piece 0 is the BOS; then each message is a header piece and a content piece.
+            w += [float(by_assistant and (i - 1) // 2 >= context)] * len(piece)
     except ValueError as e:
         raise DataError(f"{where}: {e}") from None
     return Document(np.asarray(ids, np.int32), np.asarray(w, np.float32))
 
 
-def _read_jsonl(tok, path: str) -> list[Document]:
-    docs = []
+def jsonl_records(path: str) -> Iterator[tuple[str, object]]:
+    """(where, record) for each non-blank line of a JSONL file, where = "PATH:LINE"; a line that
+    is not UTF-8 or not JSON is a DataError naming it."""
     with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported with its number
         for n, raw in enumerate(f, 1):
             where = f"{path}:{n}"
@@ -99,16 +114,21 @@ def _read_jsonl(tok, path: str) -> list[Document]:
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            messages = rec.get("messages") if isinstance(rec, dict) else rec
-            if not isinstance(messages, list):
-                raise DataError(f"{where}: expected {{'messages': [...]}} or a list of messages")
-            doc = chat_document(tok, messages, where)
-            if doc.weights.sum() == 0:
-                raise DataError(f"{where}: no assistant message, so nothing to learn from")
-            docs.append(doc)
+
+
+def _read_jsonl(tok, path: str) -> list[Document]:
+    docs = []
+    for where, rec in jsonl_records(path):
+        messages = rec.get("messages") if isinstance(rec, dict) else rec
+        if not isinstance(messages, list):
+            raise DataError(f"{where}: expected {{'messages': [...]}} or a list of messages")
+        doc = chat_document(tok, messages, where)
+        if doc.weights.sum() == 0:
+            raise DataError(f"{where}: no assistant message, so nothing to learn from")
+        docs.append(doc)
     return docs
 
 

@@ -7,15 +7,22 @@
   their chunks into the batch, so no T x T buffer exists for them.
 - with a cache: masks from the absolute positions each slot holds (-1: empty), the cache read in
   blocks of `block` slots with an online softmax once it is longer than `dense_max_len` slots.
+  A quantized cache (model/kv_cache.py) is dequantized where it is read: the whole buffer, or
+  each block of slots; new keys and values are attended as the cache holds them (quantized and
+  dequantized), as the split layouts of decoding, which write them before reading, see them.
 """
 from __future__ import annotations
 
-import itertools
+import functools
 
 import jax
 import jax.numpy as jnp
 
+from qwix import QArray
+
 from .. import kv_cache
+from ..quantization import quantize_kv
+from .quantized import dense
 
 # Up to this many keys attention is one masked softmax (fastest on CPU); beyond, blocks of BLOCK.
 DENSE_MAX_LEN = 2048
@@ -25,16 +32,26 @@ BLOCK = 512
 def attend(q, k, v, positions, cache, chunk: int | None, rt):
     """q [B, T, N, H], k/v [B, T, K, H] at positions [B, T] -> (out [B, T, N, H], new): `new` is
     None without a cache, else the new keys and values {"k", "v"} [B, T, K, H] for
-    kv_cache.write, or the layer's updated cache when the runtime writes it in the layers."""
+    kv_cache.write, or the layer's updated cache when the runtime writes it in the layers.
+    With the "context" kernel the positions are split over devices, and the placement runs the
+    attention across them (sharding/context.py) around the single-device pieces below."""
     kw = dict(dense_max_len=rt.dense_max_len, block=rt.block)
+    context = rt.attention == "context"
     if cache is None:
-        if chunk is not None:
+        if chunk is not None:  # chunks folded into the batch: local while shards hold whole chunks
             return chunked_causal_attention(q, k, v, chunk, impl=rt.attention, **kw), None
+        if context:
+            local = functools.partial(attention_by_position, **kw)
+            return rt.placement.gathered_attention(local, q, k, v, positions), None
         return causal_attention(q, k, v, impl=rt.attention, **kw), None
-    if rt.writes_cache_in_layers:
+    if context:
+        kw["state_of_cache"] = functools.partial(rt.placement.cache_state, cache_state)
+    if rt.writes_cache_first(chunk is not None):
         new = kv_cache.write_layer(cache, k, v, positions)
         return cached_attention(q, None, None, positions, new, chunk, **kw), new
-    out = cached_attention(q, k, v, positions, cache, chunk, fresh=rt.cache_empty, **kw)
+    seen = [dense(quantize_kv(a, cache[n]), a.dtype) if isinstance(cache[n], QArray) else a
+            for n, a in (("k", k), ("v", v))]
+    out = cached_attention(q, *seen, positions, cache, chunk, fresh=rt.cache_empty, **kw)
     return out, {"k": k, "v": v}
 
 
@@ -137,9 +154,25 @@ def _cached_scores(qg, q_pos, k, k_pos, chunk: int | None):
     return jnp.where(allowed[:, None, None], s * qg.shape[-1] ** -0.5, -1e30)
 
 
+def cache_state(qg, q_pos, layer_cache, chunk: int | None, *, dense_max_len: int = DENSE_MAX_LEN,
+                block: int = BLOCK):
+    """The online-softmax state (m, l, acc) of queries qg [B, T, K, G, H] at positions q_pos
+    [B, T] over every slot of one layer's cache {"k", "v": [B, K, S, H], "pos": [B, S]}: one
+    masked score tensor up to `dense_max_len` slots, beyond it `block` slots at a time, so that
+    no score tensor spans a long context and no copy of the cache is made."""
+    S = layer_cache["pos"].shape[-1]
+    if S > dense_max_len:
+        return _cache_blocks(qg, q_pos, layer_cache, chunk, min(block, S))
+    B, T, K, G, H = qg.shape
+    k, v = (dense(layer_cache[n], qg.dtype) for n in ("k", "v"))
+    return _online_softmax(_empty_softmax_state(B, K, G, T, H),
+                           _cached_scores(qg, q_pos, k, layer_cache["pos"], chunk),
+                           lambda p: _weighted_values(p, v))
+
+
 def cached_attention(q, k_new, v_new, q_pos, layer_cache, chunk: int | None,
                      fresh: bool = False, *, dense_max_len: int = DENSE_MAX_LEN,
-                     block: int = BLOCK):
+                     block: int = BLOCK, state_of_cache=cache_state):
     """Attention of new queries [B, T, N, H] at positions q_pos [B, T] over the cached keys plus
     the new ones k_new/v_new [B, T, K, H] (None: already written into the cache); masks come
     from absolute positions (cache slots hold -1 when empty). `fresh`: the cache is known to be
@@ -148,32 +181,38 @@ def cached_attention(q, k_new, v_new, q_pos, layer_cache, chunk: int | None,
     The new keys are attended beside the buffers rather than written into them first whenever
     one may land in a ring-buffer slot whose old key a query here still needs (a piece of a
     prompt crossing a chunk boundary); the layers then only read the cache (see kv_cache.write).
-    A cache of more than `dense_max_len` slots is read in blocks of `block` slots with an online
-    softmax, the new keys last: neither a score tensor over the whole context nor a copy of the
-    cache is made, whatever the context length."""
+    The cache's part is one online-softmax state (`state_of_cache`: `cache_state`, or a context-
+    parallel one that merges the states of each device's slice), the new keys folded in last."""
     B, T, N, H = q.shape
     K = layer_cache["k"].shape[1]
     qg = q.reshape(B, T, K, N // K, H)
-    S = layer_cache["pos"].shape[-1]
-    parts = [] if fresh else [tuple(layer_cache[n].astype(q.dtype) for n in ("k", "v"))
-                              + (layer_cache["pos"],)]        # (keys, values, positions) to attend
+    state = (_empty_softmax_state(B, K, N // K, T, H) if fresh else
+             state_of_cache(qg, q_pos, layer_cache, chunk, dense_max_len=dense_max_len,
+                            block=block))
     if k_new is not None:
-        parts.append((k_new.swapaxes(1, 2), v_new.swapaxes(1, 2), jnp.where(q_pos >= 0, q_pos, -1)))
-    if not fresh and S > dense_max_len:
-        state = _cache_blocks(qg, q_pos, layer_cache, chunk, min(block, S))
-        for k, v, pos in parts[1:]:
-            state = _online_softmax(state, _cached_scores(qg, q_pos, k, pos, chunk),
-                                    lambda p, v=v: _weighted_values(p, v))
-        _, l, acc = state
-        return _heads_last((acc / l[..., None]).astype(q.dtype))
-    # One softmax over the scores put side by side (joining the keys and values instead would
-    # copy the buffers).
-    scores = [_cached_scores(qg, q_pos, k, pos, chunk) for k, _, pos in parts]
-    p = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
-    ends = list(itertools.accumulate(s.shape[-1] for s in scores))
-    out = sum(_weighted_values(p[..., e - s.shape[-1]:e], v)
-              for s, e, (_, v, _) in zip(scores, ends, parts))
-    return _heads_last(out.astype(q.dtype))
+        v_new = v_new.swapaxes(1, 2)
+        s = _cached_scores(qg, q_pos, k_new.swapaxes(1, 2), jnp.where(q_pos >= 0, q_pos, -1), chunk)
+        state = _online_softmax(state, s, lambda p: _weighted_values(p, v_new))
+    return normalized(state, q.dtype)
+
+
+def attention_by_position(q, k, v, q_pos, k_pos, *, dense_max_len: int = DENSE_MAX_LEN,
+                          block: int = BLOCK):
+    """Causal attention of queries q [B, T, N, H] at q_pos [B, T] over keys k, v [B, S, K, H] at
+    k_pos [B, S], masked by position (a key at or before its query): a context-parallel global
+    layer's queries against the gathered keys of the whole sequence."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    keys = {"k": k.swapaxes(1, 2), "v": v.swapaxes(1, 2), "pos": k_pos}
+    state = cache_state(q.reshape(B, T, K, N // K, H), q_pos, keys, None,
+                        dense_max_len=dense_max_len, block=block)
+    return normalized(state, q.dtype)
+
+
+def normalized(state, dtype):
+    """The attention output [B, T, N, H] of a finished online-softmax state."""
+    _, l, acc = state
+    return _heads_last((acc / l[..., None]).astype(dtype))
 
 
 def _heads_last(out):  # [B, K, G, T, H] -> [B, T, N, H]
@@ -194,8 +233,8 @@ def _cache_blocks(qg, q_pos, layer_cache, chunk: int | None, block: int):
         # The last block is moved back to end at slot S; the slots it shares with the block
         # before are masked as empty, so that no key counts twice.
         start = jnp.minimum(j * block, S - block)
-        k, v = (jax.lax.dynamic_slice_in_dim(layer_cache[n], start, block, axis=2).astype(qg.dtype)
-                for n in ("k", "v"))
+        k, v = (dense(jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, block, axis=2),
+                                   layer_cache[n]), qg.dtype) for n in ("k", "v"))
         pos = jax.lax.dynamic_slice_in_dim(layer_cache["pos"], start, block, axis=1)
         pos = jnp.where(start + jnp.arange(block) >= j * block, pos, -1)
         s = _cached_scores(qg, q_pos, k, pos, chunk)

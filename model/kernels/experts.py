@@ -10,15 +10,20 @@ and already scaled by its router score (model/moe.py), each returning ys [M, D] 
   "experts" layout of CPU decoding, kernels/views.py): the step reads only the selected experts.
 - `dense`: the reference: every expert on every copy (zero where not routed), as HF runs it.
 Experts have no biases, so an expert on a zero input gives exactly zero.
+The weights come as stored, arrays or quantized (qwix QArrays): each kernel casts, or
+dequantizes, what it reads (kernels/quantized.py), after picking the experts where it picks
+them. Quantized weights are for inference: `_rounds` has no gradient for them.
 Local letters: M token copies; R rows an expert takes in one round of `swiglu_rounds`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
+from qwix import QArray
 
 from ..layers import swiglu
 
@@ -80,8 +85,9 @@ def swiglu_rounds(xs, wi_gate, wi_up, wo, group_sizes, rows: int | None = None):
 
 def swiglu_gathered(xs, wi_gate, wi_up, wo, expert):
     """SwiGLU of a handful of rows xs [M, D], row m through expert[m]: each row gathers its
-    expert's weights, so a step reads only the selected experts, in one fused gather."""
-    return swiglu(xs, wi_gate, wi_up, wo, lambda a, w: jnp.einsum("MD,MDF->MF", a, w[expert]))
+    expert's weights (and scales), so a step reads and dequantizes only the selected experts."""
+    return swiglu(xs, wi_gate[expert], wi_up[expert], wo[expert],
+                  lambda a, w: jnp.einsum("MD,MDF->MF", a, w))
 
 
 def _round_sources(group_sizes, rows: int, r, M: int):
@@ -151,10 +157,18 @@ SWIGLU = {"ragged": swiglu_ragged, "rounds": swiglu_rounds}
 
 def switched(xs, ids, weights):
     """xs [M, D], ids [M]; weights: (wi_gate, wi_up, wo), each Parts of E buffers [D, F] /
-    [F, D] -> [M, D]. Each copy runs through its expert alone, picked by `lax.switch`, so the
-    matmuls read that expert's weights where they lie, once, and copy none."""
-    branches = [functools.partial(_one_expert, w) for w in zip(*(w.parts for w in weights))]
+    [F, D] (or a QArray of such Parts) -> [M, D]. Each copy runs through its expert alone, picked
+    by `lax.switch`, so the matmuls read that expert's weights where they lie, once, and copy none."""
+    branches = [functools.partial(_one_expert, w) for w in zip(*map(_by_expert, weights))]
     return jax.lax.map(lambda a: jax.lax.switch(a[0], branches, a[1]), (ids, xs))
+
+
+def _by_expert(w):
+    """Parts of E buffers -> the E buffers; a QArray of such Parts -> E QArrays."""
+    if isinstance(w, QArray):
+        return [dataclasses.replace(w, qvalue=q, scale=s)
+                for q, s in zip(w.qvalue.parts, w.scale.parts)]
+    return w.parts
 
 
 def _one_expert(weights, x):  # a branch of `switched`: x [D] -> [D]

@@ -7,7 +7,8 @@ block's weights (for the "experts" layout, every expert's too) a buffer of its o
 stored arrays (jax.device_put takes aligned host memory as it lies: nothing is copied).
 
 The views keep the parameter tree's names and shapes: a leaf [nb, ...] under "blocks" becomes
-`Parts` of nb buffers [...], an expert weight [nb, E, ...] Parts of nb Parts of E. The KV cache of
+`Parts` of nb buffers [...], an expert weight [nb, E, ...] Parts of nb Parts of E; a quantized
+leaf (a qwix QArray) stays a QArray, its qvalue and scale split alike. The KV cache of
 the split layouts likewise holds Parts of nb buffers per leaf, so that each block updates buffers
 of its own in place. What reading in place gains: `python -m experiments.bench_layouts`.
 """
@@ -77,10 +78,12 @@ def split_params(params, layout: str):
                 out[name] = walk(a, path + (name,))
             elif layout == "experts" and path[-1:] == ("moe",) and name in EXPERT_WEIGHTS:
                 # an MoE layer's routed experts (not its shared expert): [nb, E, ...]
-                out[name] = Parts([Parts([view(a, (i, e)) for e in range(a.shape[1])])
-                                   for i in range(a.shape[0])])
-            else:
-                out[name] = Parts([view(a, i) for i in range(a.shape[0])])
+                out[name] = jax.tree.map(lambda c: Parts([Parts([view(c, (i, e)) for e in
+                                                                 range(c.shape[1])])
+                                                          for i in range(c.shape[0])]), a)
+            else:  # (tree.map: a QArray's qvalue and scale alike)
+                out[name] = jax.tree.map(lambda c: Parts([view(c, i) for i in range(c.shape[0])]),
+                                         a)
         return out
 
     numbered = walk(params["blocks"], ())
