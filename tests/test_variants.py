@@ -14,7 +14,7 @@ from model import config as C
 from model.kernels import experts as X
 from model.layers import MLP
 from model.moe import MoE
-from training.checkpoint import config_from_meta, model_record
+from checkpoints.runs import config_from_meta, model_record
 
 
 def _one_expert_layer(**variant):
