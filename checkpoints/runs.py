@@ -18,18 +18,22 @@ import orbax.checkpoint as ocp
 from checkpoints import orbax_io
 from checkpoints import keys as K
 from checkpoints.errors import CheckpointError, quiet_orbax
-from model.config import Config, ConfigError, from_hf, to_hf
+from model.config import Config, ConfigError, from_hf, split_variant, to_hf
 
 STATE, META = "state", "meta"   # the items of a step (training.checkpoint.Checkpointer)
 
 
 def model_record(cfg: Config) -> dict:
-    return {"model": to_hf(cfg),
+    """The model part of a step's meta: HF config.json fields, and for an ablation variant the
+    fields HF has none for ("variant"), so that it reads back as itself, not as Llama 4."""
+    llama4, variant = split_variant(cfg)
+    return {"model": to_hf(llama4), **({"variant": variant} if variant else {}),
             "compute": {"dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "remat": cfg.remat}}
 
 
 def config_from_meta(meta: dict, where: str = "checkpoint meta") -> Config:
-    return from_hf(meta["model"], where).replace(**meta["compute"])
+    cfg = from_hf(meta["model"], where).replace(**meta["compute"])
+    return cfg.replace_text(**meta.get("variant", {}))
 
 
 def is_step(path: Path) -> bool:

@@ -14,6 +14,8 @@ from .config_checks import (ConfigError, check, check_bools, check_int_tuple, ch
                             check_numbers, is_int, read_int, read_list, read_number, read_object)
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+ROUTER_SCORES = ("input", "output")          # what the router score multiplies: the expert's input or output
+ROUTER_ACTIVATIONS = ("sigmoid", "softmax")  # how a chosen expert's logit becomes its score
 PARAM_DTYPES = ("float32", "bfloat16", "float16")  # float16: HF checkpoints stored as F16
 REMAT = ("none", "full", "dots")
 KV_DTYPES = ("int8", "fp8")  # quantized KV caches (model/kv_cache.py); None: the compute dtype
@@ -64,6 +66,11 @@ class TextConfig:
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 10485760
     router_aux_loss_coef: float = 0.001
+    # Modelling choices that ablations vary (experiments/ablations.py). HF's config has no field
+    # for them, so `to_hf` refuses any value but the default, which is Llama 4's.
+    router_score: str = "input"             # the score scales the routed expert's input, or its output
+    router_activation: str = "sigmoid"      # sigmoid of each chosen logit, or softmax over all E
+    shared_expert: bool = True              # the always-on shared expert of every MoE layer
     bos_token_id: int | None = 200000
     eos_token_ids: tuple[int, ...] = (200001, 200007, 200008)
     pad_token_id: int | None = 200018
@@ -79,7 +86,11 @@ class TextConfig:
               f"must be a positive integer or null, got {self.attention_chunk_size!r}")
         check_numbers(self, ("rope_theta", "floor_scale", "rms_norm_eps"))
         check_numbers(self, ("attn_scale", "router_aux_loss_coef"), positive=False)
-        check_bools(self, ("use_qk_norm", "attn_temperature_tuning"))
+        check_bools(self, ("use_qk_norm", "attn_temperature_tuning", "shared_expert"))
+        check(self.router_score in ROUTER_SCORES, "router_score",
+              f"{self.router_score!r} is not one of {list(ROUTER_SCORES)}")
+        check(self.router_activation in ROUTER_ACTIVATIONS, "router_activation",
+              f"{self.router_activation!r} is not one of {list(ROUTER_ACTIVATIONS)}")
         check(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling),
               "rope_scaling", f"must be a RopeScaling or None, got {self.rope_scaling!r}")
         for name in ("moe_layers", "nope_layers", "eos_token_ids"):
@@ -425,12 +436,31 @@ def _text_to_hf(t: TextConfig) -> dict[str, Any]:
     }
 
 
+# TextConfig fields with no HF equivalent: each one's default is Llama 4's choice.
+VARIANT_FIELDS = ("router_score", "router_activation", "shared_expert")
+
+
+def split_variant(cfg: Config) -> tuple[Config, dict[str, Any]]:
+    """(cfg with Llama 4's choice in every variant field, {field: value} of those that differ):
+    what HF's config can say, and the rest (a training run records both)."""
+    dflt = TextConfig()
+    variant = {f: getattr(cfg.text, f) for f in VARIANT_FIELDS
+               if getattr(cfg.text, f) != getattr(dflt, f)}
+    return cfg.replace_text(**{f: getattr(dflt, f) for f in variant}), variant
+
+
 def _int_if_whole(x: float):
     return int(x) if float(x).is_integer() else x
 
 
 def to_hf(cfg: Config) -> dict[str, Any]:
-    """The HF config.json dict; `llama4` when there is a vision tower, `llama4_text` otherwise."""
+    """The HF config.json dict; `llama4` when there is a vision tower, `llama4_text` otherwise.
+    A config with an ablation variant (VARIANT_FIELDS) is refused: HF would read it as Llama 4."""
+    variant = split_variant(cfg)[1]
+    if variant:
+        raise ConfigError(f"{', '.join(f'{k}={v!r}' for k, v in variant.items())}: an ablation "
+                          "variant that an HF Llama 4 config cannot express; a checkpoint of it "
+                          "would load as a different model, so none is written in HF form")
     text = _text_to_hf(cfg.text)
     if cfg.vision is None:
         return {"architectures": ["Llama4ForCausalLM"], **text}
@@ -457,7 +487,7 @@ def param_count(cfg: Config) -> dict[str, int]:
     D, H = t.hidden_size, t.head_dim
     attn = D * H * (2 * t.num_heads + 2 * t.num_kv_heads) + 2 * D
     expert = 3 * D * t.intermediate_size
-    moe = D * t.num_experts + t.num_experts * expert + expert
+    moe = D * t.num_experts + t.num_experts * expert + expert * t.shared_expert
     dense = 3 * D * t.intermediate_size_mlp
     n_moe = len(t.moe_layers)
     layers = t.num_layers * attn + n_moe * moe + (t.num_layers - n_moe) * dense

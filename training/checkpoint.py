@@ -1,7 +1,8 @@
 """Training checkpoints: an Orbax CheckpointManager holding the train state and a JSON record.
 
 Layout: DIR/<step>/state (params, opt_state, step, rng) and DIR/<step>/meta (the model config as
-HF config.json fields, the data position and fingerprint, batch, seed, optimizer settings).
+HF config.json fields and, for an ablation variant, "variant": the fields HF has none for; the
+data position and fingerprint, batch, seed, optimizer settings).
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed
 mid-save leaves the previous checkpoints intact; a resume refuses a directory written by a
 different config or data before it writes anything. `checkpoints.load`, `python -m
