@@ -117,7 +117,7 @@ def test_cache_memory_of_scout():
     per_token = 12 * 2 * 8 * 128 * 2
     assert per_token == 48 * 1024
     for ctx in (131072, 1 << 20, 10 * (1 << 20)):
-        assert kv_cache.cache_bytes(scout, 1, ctx) == per_token * ctx + 36 * 2 * 8 * 128 * 2 * 8192
+        assert kv_cache.cache_bytes(scout, 1, ctx, 2) == per_token * ctx + 36 * 2 * 8 * 128 * 2 * 8192
 
 
 @pytest.mark.parametrize("prompt, kw, message", [

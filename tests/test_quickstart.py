@@ -11,7 +11,7 @@ import pytest
 import checkpoints
 from experiments import quickstart
 from tests.runs import cached_env, kill_after_step
-from training import read_metrics
+from training import byte_tokenizer, read_metrics
 
 
 @pytest.mark.slow
@@ -27,7 +27,7 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     assert len(summary["completion"]) > len(quickstart.PROMPT)
     assert (out / "loss.png").stat().st_size > 0
     cfg, _ = checkpoints.load(out / "model")                           # the exported checkpoint
-    assert cfg == quickstart.quickstart_config(quickstart.training.byte_tokenizer()).replace(
+    assert cfg == quickstart.quickstart_config(byte_tokenizer()).replace(
         param_dtype=cfg.param_dtype)
     assert "wall time" in capsys.readouterr().out
 
