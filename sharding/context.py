@@ -26,6 +26,8 @@ out here, around the model's own kernels (model/kernels/attention.py):
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -73,7 +75,7 @@ def cache_state(plan, local, qg, q_pos, layer_cache, chunk, **kw):
     ml_spec = plan.spec(("batch", "kv_heads", None, "seq"), (B, K, G, T), "softmax state")
     acc_spec = plan.spec(("batch", "kv_heads", None, "seq", None), (B, K, G, T, H),
                          "softmax state")
-    t_local = T // max(1, _size(plan, seq))
+    t_local = T // math.prod(plan.mesh.shape[a] for a in seq)
 
     def body(qg, q_pos, k, v, pos):
         qg, q_pos = _gather(qg, seq, 1), _gather(q_pos, seq, 1)
@@ -90,10 +92,3 @@ def cache_state(plan, local, qg, q_pos, layer_cache, chunk, **kw):
             body, mesh=plan.mesh, in_specs=(qg_spec, pos_spec, kv_spec, kv_spec, slot_spec),
             out_specs=(ml_spec, ml_spec, acc_spec), check_vma=False)(
                 qg, q_pos, layer_cache["k"], layer_cache["v"], layer_cache["pos"])
-
-
-def _size(plan, axes) -> int:
-    n = 1
-    for a in axes:
-        n *= plan.mesh.shape[a]
-    return n
