@@ -91,3 +91,27 @@ def test_cached_attention_in_blocks_equals_dense(T, chunk):
         q, k_new, v_new, q_pos, cache, chunk, **kw)).lower(q).as_text()
     scores = f"x{T}x{S}xf32>"
     assert scores in hlo() and scores not in hlo(dense_max_len=4, block=4)
+
+
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_cached_attention_skips_blocks_no_query_sees(chunk):
+    """Read in blocks, a cache costs its filled part: blocks of slots that are empty, or (for a
+    chunked layer) hold only keys before the queries' chunk, are not scored. Their keys and
+    values here are NaN, which any scoring of them (even masked: 0 * NaN) would spread."""
+    B, N, K, H, S, T = 1, 4, 2, 8, 24, 2
+    r = np.random.default_rng(0)
+    pos = np.full((B, S), -1)
+    pos[0, :18] = np.arange(18)               # positions 0..17 in slots 0..17, the rest empty
+    k, v = (r.normal(size=(B, K, S, H)) for _ in range(2))
+    unseen = pos[0] < 0 if chunk is None else (pos[0] < 0) | (pos[0] < 16)
+    unseen[(np.arange(S) // 4) == 4] = False  # block 4 (slots 16..19) is scored: keep it finite
+    k[..., unseen, :], v[..., unseen, :] = np.nan, np.nan
+    cache = {"k": jnp.asarray(k, jnp.float32), "v": jnp.asarray(v, jnp.float32),
+             "pos": jnp.asarray(pos)}
+    clean = {**cache, **{n: jnp.nan_to_num(cache[n]) for n in ("k", "v")}}
+    q, k_new, v_new = (jnp.asarray(r.normal(size=(B, T, n, H)), jnp.float32) for n in (N, K, K))
+    q_pos = jnp.asarray([[18, 19]])
+    blocks = A.cached_attention(q, k_new, v_new, q_pos, cache, chunk, dense_max_len=4, block=4)
+    dense = A.cached_attention(q, k_new, v_new, q_pos, clean, chunk)
+    assert np.all(np.isfinite(blocks))
+    np.testing.assert_allclose(blocks, dense, rtol=1e-5, atol=1e-5)

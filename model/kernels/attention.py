@@ -7,6 +7,7 @@
   their chunks into the batch, so no T x T buffer exists for them.
 - with a cache: masks from the absolute positions each slot holds (-1: empty), the cache read in
   blocks of `block` slots with an online softmax once it is longer than `dense_max_len` slots.
+  Blocks that hold no key a query may see are skipped, so a long cache costs its filled part.
   A quantized cache (model/kv_cache.py) is dequantized where it is read: the whole buffer, or
   each block of slots; new keys and values are attended as the cache holds them (quantized and
   dequantized), as the split layouts of decoding, which write them before reading, see them.
@@ -225,20 +226,37 @@ def _weighted_values(p, v):  # p [B, K, G, T, S], v [B, K, S, H] -> [B, K, G, T,
 
 
 def _cache_blocks(qg, q_pos, layer_cache, chunk: int | None, block: int):
-    """The online-softmax state after every cache slot, visited `block` slots at a time."""
+    """The online-softmax state after every cache slot, visited `block` slots at a time. A block
+    that holds no key any query here may see (empty, or every key past the last query, or for a
+    chunked layer before the first query's chunk) is skipped, not scored: a prompt piece or a
+    decode step costs the filled part of a long cache, not the allocated one."""
     B, T, K, G, H = qg.shape
     S = layer_cache["pos"].shape[-1]
+    real = q_pos >= 0
+    last = jnp.max(jnp.where(real, q_pos, -1))
+    first = jnp.min(jnp.where(real, q_pos, jnp.iinfo(q_pos.dtype).max))
+    first = 0 if chunk is None else first // chunk * chunk
+    visible = lambda pos: (pos >= first) & (pos <= last)  # noqa: E731
+    # Where no query sees any key (a call of padding alone) block 0 is scored all the same, so
+    # that the state holds the finite floor of `_cached_scores`, as with every block scored.
+    blind = ~jnp.any(visible(layer_cache["pos"]))
 
     def step(state, j):
         # The last block is moved back to end at slot S; the slots it shares with the block
         # before are masked as empty, so that no key counts twice.
         start = jnp.minimum(j * block, S - block)
-        k, v = (dense(jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, block, axis=2),
-                                   layer_cache[n]), qg.dtype) for n in ("k", "v"))
         pos = jax.lax.dynamic_slice_in_dim(layer_cache["pos"], start, block, axis=1)
         pos = jnp.where(start + jnp.arange(block) >= j * block, pos, -1)
-        s = _cached_scores(qg, q_pos, k, pos, chunk)
-        return _online_softmax(state, s, lambda p: _weighted_values(p, v)), None
+
+        def fold(state):
+            k, v = (dense(jax.tree.map(
+                lambda a: jax.lax.dynamic_slice_in_dim(a, start, block, axis=2), layer_cache[n]),
+                qg.dtype) for n in ("k", "v"))
+            s = _cached_scores(qg, q_pos, k, pos, chunk)
+            return _online_softmax(state, s, lambda p: _weighted_values(p, v))
+
+        seen = jnp.any(visible(pos)) | ((j == 0) & blind)
+        return jax.lax.cond(seen, fold, lambda state: state, state), None
 
     state, _ = jax.lax.scan(step, _empty_softmax_state(B, K, G, T, H), jnp.arange(-(-S // block)))
     return state
