@@ -6,7 +6,7 @@ against the matmul peak, long prompts against short ones, and HF beside them.
 
 The machine: read bandwidth (over 256 MB of fp32: XLA's sum, torch's sum and dot on its default
 threads) and fp32 matmul FLOP/s (2048^3, XLA and torch); the best figure is the limit, since any
-of them could have been used.
+of them could have been used. The probes take turns with the model's runs in one timing loop.
 
 The model: bench_forward's mid-size random model (D=256, 8 layers, 16 experts, fp32; --hidden
 widens it, F = 2D). Its weights are counted from `model.config.param_count`:
@@ -22,34 +22,30 @@ prompts: one row of each --long length through `sampling.prefill` (pieces of 512
 """
 from __future__ import annotations
 
-import time
-
 from experiments import cli
 from experiments.bench_forward import bench_config
 
 GB = 1e9
 
 
-def machine_limits(repeats: int):
-    """{(what, how): figure}: read GB/s and matmul GFLOP/s, by XLA and by torch."""
+def machine_probes():
+    """{(what, how): (fn, amount)}: read GB/s and matmul GFLOP/s probes, by XLA and by torch;
+    figure = amount / seconds of fn."""
     import jax
     import jax.numpy as jnp
     import torch
 
-    from experiments.timing import timed
     n, m = 1 << 26, 2048
     a = jnp.ones((n,), jnp.float32)
     x, y = (jnp.ones((m, m), jnp.float32) for _ in range(2))
     at, xt, yt = torch.ones(n), torch.ones(m, m), torch.ones(m, m)
-    xla_sum = jax.jit(jnp.sum)
-    xla_mm = jax.jit(jnp.matmul)
-    t = timed(lambda: xla_sum(a).block_until_ready(), lambda: at.sum(), lambda: at.dot(at),
-              lambda: xla_mm(x, y).block_until_ready(), lambda: xt @ yt, repeats=repeats)
-    return {("read GB/s", "XLA sum"): 4 * n / t[0] / GB,
-            ("read GB/s", "torch sum"): 4 * n / t[1] / GB,
-            ("read GB/s", "torch dot"): 4 * n / t[2] / GB,
-            ("matmul GFLOP/s", "XLA"): 2 * m ** 3 / t[3] / GB,
-            ("matmul GFLOP/s", "torch"): 2 * m ** 3 / t[4] / GB}
+    xla_sum, xla_mm = jax.jit(jnp.sum), jax.jit(jnp.matmul)
+    read, flops = 4 * n / GB, 2 * m ** 3 / GB
+    return {("read GB/s", "XLA sum"): (lambda: xla_sum(a).block_until_ready(), read),
+            ("read GB/s", "torch sum"): (lambda: at.sum(), read),
+            ("read GB/s", "torch dot"): (lambda: at.dot(at), read),
+            ("matmul GFLOP/s", "XLA"): (lambda: xla_mm(x, y).block_until_ready(), flops),
+            ("matmul GFLOP/s", "torch"): (lambda: xt @ yt, flops)}
 
 
 def decode_bytes(cfg, batch: int, filled: int) -> float:
@@ -100,9 +96,6 @@ def main():
     from experiments.timing import timed
     from model import sampling
 
-    limits = machine_limits(args.repeats)
-    bandwidth = max(v for (k, _), v in limits.items() if k == "read GB/s")
-    peak = max(v for (k, _), v in limits.items() if k == "matmul GFLOP/s")
     D = args.hidden
     hf = hf_text_model(bench_config(eos_token_id=None, pad_token_id=0, hidden_size=D,
                                     intermediate_size=2 * D, intermediate_size_mlp=4 * D),
@@ -147,7 +140,13 @@ def main():
     fns.append(lambda: jax.block_until_ready(model.forward(cfg, params, ids)))
     if not args.no_hf:
         fns += [hf_forward, hf_generate(1), hf_generate(1 + n)]
-    times = timed(*fns, repeats=args.repeats)
+    # The machine's probes take their turns with the model, so that its drift (this machine's
+    # bandwidth moves by tens of percent from minute to minute) shifts the limits alike.
+    probes = machine_probes()
+    times = timed(*fns, *(fn for fn, _ in probes.values()), repeats=args.repeats)
+    limits = {k: amount / t for (k, (_, amount)), t in zip(probes.items(), times[len(fns):])}
+    bandwidth = max(v for (k, _), v in limits.items() if k == "read GB/s")
+    peak = max(v for (k, _), v in limits.items() if k == "matmul GFLOP/s")
     steps = dict(zip(layouts, (t / n for t in times[:3])))
     t_prefill = times[3]
 
@@ -181,10 +180,7 @@ def main():
             one = rng.integers(3, cfg.text.vocab_size, (1, L))
             run = lambda: jax.block_until_ready(  # noqa: E731
                 sampling.prefill(cfg, params, one, max_new_tokens=1)[1])
-            run()
-            t0 = time.perf_counter()
-            run()
-            rates[L] = L / (time.perf_counter() - t0)
+            rates[L] = L / timed(run, repeats=3)[0]
         base = rates[lengths[0]]
         print("long prompts, one row, pieces of 512: " + ", ".join(
             f"{L} tokens {r:.0f} tok/s ({r / base:.0%})" for L, r in rates.items()))
