@@ -5,7 +5,8 @@ A quantized weight is the same leaf of the parameter tree under the same name, h
 cache buffer (model/kv_cache.py). Where a module or kernel reads one it calls `dense(w, dtype)`:
 an array is cast to the compute dtype, a QArray dequantized into it (qvalue converted, times its
 scale broadcast over the reduced axes or groups). The expert kernels pick the experts they read
-before dequantizing (gathered, switched: only those are converted).
+before dequantizing (gathered, switched: only those are converted; grouped: one expert at a
+time, so that a layer never holds its expert stack in float).
 
 fp8 weights (the fp8_mixed recipe, Meta's FP8 checkpoint) take fp8 activations, as Meta's
 fbgemm kernels and the checkpoint's `input_activations` (dynamic, per token) say: `on_use`
