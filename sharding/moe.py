@@ -16,7 +16,8 @@ replicated over the group: step 1 is skipped and step 3 is a psum.
 
 Communication per MoE layer, with T tokens per device, k experts per token, width D, X = the
 expert-axis size and b bytes a value: the all-gather receives (X-1)*k*T*D*b and the reduce-scatter
-sends as much, plus an all-reduce of X*k*T*D*b over `tensor` when F is split. A ragged
+sends as much, plus an all-reduce of X*k*T*D*b over `tensor` when F is split (and for fp8
+experts a max over `tensor` of one value per input row of each product: their fp8 scales). A ragged
 all-to-all would move only the copies routed elsewhere (about 2*k*T*D*b*(X-1)/X) but needs
 per-destination counts exchanged first and buffers sized for the worst case; the all-gather costs
 X times more bytes, which is cheap within a host's NVLink domain or a TPU slice, and is exact and
