@@ -50,9 +50,10 @@ PEAK_TFLOPS = {"H100": 989, "H200": 989, "TPU v5p": 459}
 MFU = 0.4  # the utilisation prefill times are stated at: a good large-model figure on H100s
 GB = 1e9
 # XLA:CPU passes that make copies a GPU or TPU compiler does not (the module docstring)
-COMPILER_OPTIONS = {"xla_disable_hlo_passes": ",".join((
-                        "float-normalization-s4", "float-normalization-f8e4m3fn", "change-op-data-type")),
-                    "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+COMPILER_OPTIONS = {
+    "xla_disable_hlo_passes": "float-normalization-s4,float-normalization-f8e4m3fn,"
+                              "change-op-data-type",
+    "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 HEADROOM = 0.95  # a runtime keeps some memory for itself: "fits" leaves 5% of the chip free
 
 
@@ -148,7 +149,8 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
               "the full presets)...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     prefill = sampling.extend.lower(cfg, model.resolve(cfg, "prefill", p), params,
-                                    tokens((batch, piece)), tokens((batch, piece)), cache).compile(COMPILER_OPTIONS)
+                                    tokens((batch, piece)), tokens((batch, piece)), cache
+                                    ).compile(COMPILER_OPTIONS)
     t1 = time.perf_counter()
     key = jax.eval_shape(lambda: jax.random.key(0))
     state = sampling.DecodeState(row(("batch", "vocab"), (batch, cfg.text.vocab_size), np.float32),
