@@ -25,7 +25,7 @@ from model.kernels.quantized import fp8_rows
 
 # D = 128 and F = 256: the experts' down projection has two int4 groups per output channel.
 CFG = model.tiny(hidden_size=128, intermediate_size=256, intermediate_size_mlp=256,
-                 head_dim=32, num_layers=8, nope_layers=(3, 7), moe_layers=(1, 3, 5, 7))
+                 head_dim=32, num_layers=4, nope_layers=(1, 3), moe_layers=(1, 3))
 
 
 @pytest.fixture(scope="module")
@@ -256,15 +256,16 @@ def test_fp8_layouts_agree(params):
                                    ref, rtol=1e-5, atol=1e-5, err_msg=f"{experts}, {layout}")
 
 
-# What an 8-bit cache may cost the logits of this random 8-layer model (max |difference| over
-# max |logit|), about twice the largest error observed (int8 0.8%, fp8 11%): int8 rounds to
+# What an 8-bit cache may cost the logits of this random 4-layer model (max |difference| over
+# max |logit|), about twice the largest error observed (int8 0.7%, fp8 3.2%): int8 rounds to
 # 1/254 of each row's max, e4m3 to 1/16 of each value. (Trained models: the accuracy benchmark.)
-KV_BOUND = {"int8": 0.02, "fp8": 0.25}
+KV_BOUND = {"int8": 0.015, "fp8": 0.07}
 
 
 def _decode(cfg, params, prompts, steps, layout):
     """(last prefill logits, tokens, logits after `steps` greedy steps); the prompt prefilled in
-    pieces of 4, so that later pieces read the cache."""
+    pieces of 4, so that later pieces read the cache. `steps` is decode's traced limit: one
+    program of 8 steps runs them all."""
     _, state = sampling.prefill(cfg, params, prompts, max_new_tokens=8, prefill_chunk=4,
                                 layout=layout)
     assert isinstance(state.cache["layer_0"]["k"], QArray) == (cfg.kv_dtype is not None)
@@ -272,7 +273,7 @@ def _decode(cfg, params, prompts, steps, layout):
     rt = model.resolve(cfg, "decode", layout=layout)
     tokens, state = sampling.decode(cfg, rt, rt.view_params(params),
                                     state._replace(cache=rt.view_cache(state.cache)),
-                                    jnp.asarray([-1]), 0, steps, steps=steps, temperature=0.0,
+                                    jnp.asarray([-1]), 0, steps, steps=8, temperature=0.0,
                                     top_k=None, top_p=None)
     return first, np.asarray(tokens), np.asarray(state.logits)
 
