@@ -15,16 +15,18 @@ estimate: they come from XLA:CPU's buffer assignment, and XLA:GPU or TPU fuse di
 bfloat16 is compiled as float16, the same size: XLA:CPU has no bf16 arithmetic, rewrites every
 bf16 op in f32 and hoists f32 copies of whole stacked weights and caches out of the layer loop
 (measured: 73 GB of temporaries for Scout's decode on tensor=8 at 1M context, against 10 GB as
-float16), which would describe XLA:CPU rather than the model. XLA:CPU still upcasts each f16
-matmul's operands to f32 one layer at a time, so temporaries err on the high side.
-Quantized weights (--quantize RECIPE) and an 8-bit cache (--kv-dtype) are planned on stand-ins
-too: the programs are compiled with float16 weights and cache, whose argument, output and
-aliased bytes are then replaced by the exact sizes of the quantized ones (int4 two to a byte, as
-XLA:GPU and TPU store it; scales included). The temporaries are the float program's, which
-already hold one layer's expert weights in float16: what dequantizing on use materialises
-(model/kernels/quantized.py). Compiled as they are, XLA:CPU upcasts the int4 and fp8 stacks
-whole, outside the layer loop (measured: 110 GB of temporaries for Scout int4_mixed's decode on
-one device at 256K), which again describes XLA:CPU, not the model.
+float16), which would describe XLA:CPU rather than the model. Quantized weights (--quantize
+RECIPE) and an 8-bit cache (--kv-dtype) are compiled as they are (int4 two to a byte, as XLA
+stores it; scales included), so the temporaries are those of the quantized kernels.
+Three XLA:CPU habits that describe XLA:CPU, not the GPUs and TPUs planned for (which store int4
+and fp8 and multiply f16 and bf16 as they are), are switched off (COMPILER_OPTIONS):
+its passes that widen int4 to int8 and fp8 to a float for the ops it lacks (float-normalization-
+s4, -f8e4m3fn), whose widened copies of whole stacked weights it then hoists out of the layer
+loop (measured: 110 GB of temporaries for Scout int4_mixed's decode on one device at 256K);
+the pass that upcasts f16 matmul operands to f32 (change-op-data-type: 4 GB for Scout's LM head
+alone, hoisted out of the decode loop); and its default scheduler, which orders for concurrency
+and starts every layer of a block at once (with it, a block's four layers' expert weights were
+live together), for its memory-optimised one. The programs are only compiled, never run.
 Memory per chip is taken as H100 80 GB, H200 141 GB, TPU v5p 95 GB (1 GB = 1e9 bytes), and a
 plan "fits" within 95% of it (on GPUs also set XLA_PYTHON_CLIENT_MEM_FRACTION=.95: JAX
 preallocates 75% by default).
@@ -47,6 +49,11 @@ DEVICES_GB = {"H100": 80, "H200": 141, "TPU v5p": 95}
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "TPU v5p": 459}
 MFU = 0.4  # the utilisation prefill times are stated at: a good large-model figure on H100s
 GB = 1e9
+# XLA:CPU passes that make copies a GPU or TPU compiler does not (the module docstring)
+COMPILER_OPTIONS = {
+    "xla_disable_hlo_passes": "float-normalization-s4,float-normalization-f8e4m3fn,"
+                              "change-op-data-type",
+    "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 HEADROOM = 0.95  # a runtime keeps some memory for itself: "fits" leaves 5% of the chip free
 
 
@@ -113,10 +120,8 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
     import sharding
     from model import kv_cache, quantization, sampling
 
-    held_cfg = float16_stand_in(model.preset(preset).replace(vision=None, kv_dtype=kv_dtype),
-                                dtype, param_dtype or dtype)
-    # compiled with float weights and cache (see the module docstring: quantized stand-ins)
-    cfg = float16_stand_in(model.preset(preset).replace(vision=None), dtype, param_dtype or dtype)
+    cfg = float16_stand_in(model.preset(preset).replace(vision=None, kv_dtype=kv_dtype), dtype,
+                           param_dtype or dtype)
     if devices is None:
         devices = jax.devices("cpu")[:math.prod(sharding.parse_mesh(mesh_spec).values())]
     mesh = sharding.make_mesh(mesh_spec, devices)
@@ -127,10 +132,9 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
 
     def decoder(tree):
         return {k: tree[k] for k in model.DECODER_KEYS}
-    params = decoder(abstract(model.param_shapes(cfg), shardings))
-    held = decoder(abstract(quantization.quantized_shapes(cfg, quantize), shardings))
-    cache, held_cache = (abstract(c, p.cache_shardings(c)) for c in (
-        jax.eval_shape(lambda c=c: kv_cache.init_cache(c, batch, context)) for c in (cfg, held_cfg)))
+    params = decoder(abstract(quantization.quantized_shapes(cfg, quantize), shardings))
+    cache = jax.eval_shape(lambda: kv_cache.init_cache(cfg, batch, context))
+    cache = abstract(cache, p.cache_shardings(cache))
     tokens = lambda shape: jax.ShapeDtypeStruct(  # noqa: E731
         shape, np.int32, sharding=p.sharding(("batch", "seq")[:len(shape)], shape))
     row = lambda logical, shape, dt: jax.ShapeDtypeStruct(  # noqa: E731
@@ -138,18 +142,15 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
     out = {"preset": preset, "mesh": mesh_spec, "dtype": dtype,
            "param_dtype": param_dtype or dtype, "batch": batch, "context": context,
            "quantize": quantize, "kv_dtype": kv_dtype,
-           "params": _bytes_per_device(held), "cache": _bytes_per_device(held_cache)}
-    # what quantization saves of the compiled arguments (and of the cache in the outputs and
-    # aliased bytes, which hold the donated cache)
-    saved_params = _bytes_per_device(params) - out["params"]
-    saved_cache = _bytes_per_device(cache) - out["cache"]
+           "params": _bytes_per_device(params), "cache": _bytes_per_device(cache)}
 
     if announce:
         print(f"compiling prefill and decode of {preset} on {mesh_spec} (a minute or more for "
               "the full presets)...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     prefill = sampling.extend.lower(cfg, model.resolve(cfg, "prefill", p), params,
-                                    tokens((batch, piece)), tokens((batch, piece)), cache).compile()
+                                    tokens((batch, piece)), tokens((batch, piece)), cache
+                                    ).compile(COMPILER_OPTIONS)
     t1 = time.perf_counter()
     key = jax.eval_shape(lambda: jax.random.key(0))
     state = sampling.DecodeState(row(("batch", "vocab"), (batch, cfg.text.vocab_size), np.float32),
@@ -157,17 +158,16 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
     stop = jax.ShapeDtypeStruct((len(cfg.text.eos_token_ids),), np.int32)
     decode = sampling.decode.lower(cfg, model.resolve(cfg, "decode", p_decode), params, state, stop,
                                    0, steps, steps=steps, temperature=0.0, top_k=None,
-                                   top_p=None).compile()
+                                   top_p=None).compile(COMPILER_OPTIONS)
     t2 = time.perf_counter()
     out["compile_s"] = {"prefill": t1 - t0, "decode": t2 - t1}
     for name, c in (("prefill", prefill), ("decode", decode)):
         m = c.memory_analysis()
-        args, outs, alias, temp = (m.argument_size_in_bytes - saved_params - saved_cache,
-                                   m.output_size_in_bytes - saved_cache,
-                                   m.alias_size_in_bytes - saved_cache, m.temp_size_in_bytes)
+        args, outs, alias, temp = (m.argument_size_in_bytes, m.output_size_in_bytes,
+                                   m.alias_size_in_bytes, m.temp_size_in_bytes)
         out[name] = {"arguments": args, "outputs": outs, "aliased": alias, "temporaries": temp,
                      "total": args + outs - alias + temp}
-    out["arithmetic"] = arithmetic(held_cfg, mesh, batch, context, piece, quantize)
+    out["arithmetic"] = arithmetic(cfg, mesh, batch, context, piece, quantize)
     out["prefill_flops"] = batch * prefill_flops(cfg, context)["total"]
     out["prefill_s"] = batch * prefill_seconds(cfg, context, mesh.size, "H100", MFU)
     out["checkpoint"] = checkpoint_bytes(preset, param_dtype or dtype)
@@ -379,14 +379,12 @@ Made by `python -m experiments.plan --table {path}` (jax {jax.__version__}, XLA:
 - arithmetic: from the config alone, params / their shards + KV cache / its shards + one global
   layer's prefill attention scores (fp32) and probabilities for the keys scored at once: a cache
   longer than 2048 slots is read 512 slots at a time with an online softmax, so at long context
-  that is 512 x 512 scores per head, not 512 x the context. The compiled prefill's temporaries
-  also hold XLA:CPU's copies of one layer's expert weights: the CPU MoE kernel multiplies a
-  layer's whole expert stack, which XLA:CPU first slices out of the stacked layers (a GPU's
-  ragged_dot reads the weights in place). For Maverick on tensor=8 at 8K context that made the
-  temporaries 7.6 GB larger than the per-tile CPU kernel used before (17.2 GB against 9.6 GB).
-- bfloat16 is compiled as float16 (same bytes): XLA:CPU rewrites bf16 (and fp8) arithmetic in
-  f32 and hoists f32 copies of whole stacked weights out of the layer loop, which measures
-  XLA:CPU, not the model. Temporaries are XLA:CPU's; GPU and TPU compilers fuse differently.
+  that is 512 x 512 scores per head, not 512 x the context.
+- Compiled on XLA:CPU with the options of `experiments/plan.py` (COMPILER_OPTIONS: int4 and fp8
+  kept as they are, f16 matmuls not upcast to f32, the memory-optimised scheduler), because
+  those XLA:CPU passes copy whole weight stacks that a GPU or TPU compiler does not; bfloat16 is
+  compiled as float16 (same bytes), as XLA:CPU rewrites bf16 arithmetic in f32. Temporaries are
+  XLA:CPU's; GPU and TPU compilers fuse differently.
 - prefill at {MFU:.0%} MFU: the useful FLOPs of a prompt filling the whole context (matmuls of
   the active weights, causal attention; `prefill_flops`) over the mesh's chips at {MFU:.0%} of a
   dense bf16 peak of {PEAK_TFLOPS["H100"]} TFLOP/s a chip (H100 and H200 alike); the XLA kernels
@@ -398,13 +396,14 @@ Made by `python -m experiments.plan --table {path}` (jax {jax.__version__}, XLA:
   one with an int8 cache shows what an 8-bit cache saves (int8 values plus a scale per head_dim).
 - Meshes run the stacked layout, whose prefill temporaries on XLA:CPU hold about two of one
   block's global-layer buffers (what the layer scan reads, copied to be written after it: about
-  5 GB per chip at 10M on tensor=8); the split layouts of one CPU device make no such copy.
+  6 GB per chip at 10M on tensor=8); the split layouts of one CPU device make no such copy.
 - expert=8 alone replicates attention, the shared experts, Maverick's dense layers and the vocab
   on every device, hence its larger params; combine it with tensor (or fsdp) for big models.
 - weights int4_mixed / fp8_mixed / int8 (model/quantization.py) and an int8 KV cache: compiled
-  as the float16 program, their arguments replaced by the quantized sizes (int4 two to a byte,
-  float32 scales included); temporaries are the float16 program's (XLA:CPU would upcast the
-  quantized stacks whole). One row: `python -m experiments.plan --preset scout --mesh tensor=1
+  as they are (int4 two to a byte, float32 scales included). The MoE kernel dequantizes one
+  expert at a time (model/kernels/experts.py `swiglu_by_expert`), so a layer's temporaries hold
+  its quantized expert stack (copied out of the stacked layers for the expert loop) and one
+  expert in float. One row: `python -m experiments.plan --preset scout --mesh tensor=1
   --quantize int4_mixed --kv-dtype int8 --context 262144`.
 
 """ + head + "\n" + "\n".join(body) + "\n")

@@ -16,7 +16,8 @@ replicated over the group: step 1 is skipped and step 3 is a psum.
 
 Communication per MoE layer, with T tokens per device, k experts per token, width D, X = the
 expert-axis size and b bytes a value: the all-gather receives (X-1)*k*T*D*b and the reduce-scatter
-sends as much, plus an all-reduce of X*k*T*D*b over `tensor` when F is split. A ragged
+sends as much, plus an all-reduce of X*k*T*D*b over `tensor` when F is split (and for fp8
+experts a max over `tensor` of one value per input row of each product: their fp8 scales). A ragged
 all-to-all would move only the copies routed elsewhere (about 2*k*T*D*b*(X-1)/X) but needs
 per-destination counts exchanged first and buffers sized for the worst case; the all-gather costs
 X times more bytes, which is cheap within a host's NVLink domain or a TPU slice, and is exact and
@@ -28,13 +29,14 @@ other devices add exact zeros, and only the `tensor` sum over F reorders a float
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from model.kernels.quantized import FP8
+from model.kernels.quantized import FP8, rows_split
 from model.quantization import child_axes, is_quantized
 
 
@@ -44,9 +46,7 @@ def expert_parallel(plan, body, xs, ids, wi_gate, wi_up, wo):
     (model.kernels.experts.grouped): each device runs it on its local experts."""
     tok = plan.axes("batch") + plan.axes("seq")  # the copies' rows: [B, T] flattened
     ex = plan.axes("experts")
-    # fp8 weights take fp8 inputs scaled by each row's max (kernels/quantized.py): the down
-    # projection's rows must be whole, so F stays unsplit inside the map for them
-    hid = () if is_fp8(wo) else plan.axes("mlp")
+    hid = plan.axes("mlp")
     gather = tuple(a for a in ex if a in tok)         # expert axes the tokens are split over
     rest = tuple(a for a in ex if a not in tok)       # ... and those they are replicated over
     local = wi_gate.shape[0] // math.prod(plan.mesh.shape[a] for a in ex)
@@ -60,7 +60,12 @@ def expert_parallel(plan, body, xs, ids, wi_gate, wi_up, wo):
         if gather:
             xs, ids = (jax.lax.all_gather(a, gather, axis=0, tiled=True) for a in (xs, ids))
         first = jax.lax.axis_index(ex) * local if ex else 0
-        y = body(xs, ids, wi_gate, wi_up, wo, first=first)
+        # fp8 weights take fp8 inputs scaled by each row's max (kernels/quantized.py): the down
+        # projection's input rows are split over F here, their max taken across `hid`
+        split = rows_split(lambda m: jax.lax.pmax(m, hid)) if is_fp8(wo) and hid else \
+            contextlib.nullcontext()
+        with split:
+            y = body(xs, ids, wi_gate, wi_up, wo, first=first)
         if hid:
             y = jax.lax.psum(y, hid)
         if gather:

@@ -25,7 +25,7 @@ from model.kernels.quantized import fp8_rows
 
 # D = 128 and F = 256: the experts' down projection has two int4 groups per output channel.
 CFG = model.tiny(hidden_size=128, intermediate_size=256, intermediate_size_mlp=256,
-                 head_dim=32, num_layers=8, nope_layers=(3, 7), moe_layers=(1, 3, 5, 7))
+                 head_dim=32, num_layers=4, nope_layers=(1, 3), moe_layers=(1, 3))
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +206,44 @@ def test_fp8_experts_in_every_kernel(M):
     assert float(jnp.abs(fp8_rows(xs)[0, 0])) == 1200.0
 
 
+def test_quantized_experts_run_one_at_a_time():
+    """The grouped kernel on quantized stacks (swiglu_by_expert): each expert's rows in rounds
+    (1 row a round: several rounds an expert; 8: groups in one), the local experts of an
+    expert-parallel shard (`first`), and few rows (gathered), all the dense kernel's outputs on
+    the same weights to fp32 rounding; compiled, its temporaries hold no stack in float."""
+    r = np.random.default_rng(3)
+    E, D, F, M = 16, 64, 256, 40
+    w = lambda *s: r.normal(size=s).astype(np.float32) / np.sqrt(s[-2])  # noqa: E731
+    weights = tuple(Q.quantize(a, Q.Scheme("int4", (-2,), 32)) for a in (w(E, D, F), w(E, D, F),
+                                                                          w(E, F, D)))
+    xs = jnp.asarray(r.normal(size=(M, D)), jnp.float32)
+    ids = jnp.asarray(r.integers(0, E, M), jnp.int32).at[:9].set(5)   # expert 5: 9 rows at least
+
+    @jax.jit
+    def outputs(xs, ids, weights):
+        order = jnp.argsort(ids)                                    # rows sorted by expert
+        sizes = jnp.bincount(ids, length=E).astype(jnp.int32)
+        by = {r: jnp.zeros_like(xs).at[order].set(
+            X.swiglu_by_expert(xs[order], *weights, sizes, rows=r)) for r in (1, 8)}
+        local = tuple(jax.tree.map(lambda c: c[2:6], a) for a in weights)  # experts 2..5 here
+        few = {k: X.run(xs[:2], ids[:2], weights, model.Runtime(experts=k))
+               for k in ("ragged", "rounds")}
+        return (X.dense(xs, ids, *weights), by,
+                X.grouped(xs, ids, *local, swiglu_kernel=X.swiglu_ragged, first=2), few)
+
+    ref, by, local, few = outputs(xs, ids, weights)
+    for got in (*by.values(), *few.values()):
+        np.testing.assert_allclose(got, ref[:len(got)], rtol=1e-5, atol=1e-5)
+    here = ((ids >= 2) & (ids < 6))[:, None]
+    np.testing.assert_allclose(local, jnp.where(here, ref, 0), rtol=1e-5, atol=1e-5)
+    # int8: XLA:CPU widens int4 stacks whole (experiments/plan.py); an int8 one it reads in place
+    int8 = tuple(Q.quantize(a, Q.Scheme("int8", (-2,))) for a in (w(E, D, F), w(E, D, F),
+                                                                   w(E, F, D)))
+    run = jax.jit(lambda xs, ids, ws: X.run(xs, ids, ws, model.Runtime(experts="ragged")))
+    temp = run.lower(xs, ids, int8).compile().memory_analysis().temp_size_in_bytes
+    assert temp < E * D * F * 4 // 2      # half of one stack in float32; one expert is 1/E
+
+
 @pytest.mark.slow
 def test_fp8_layouts_agree(params):
     """fp8_mixed quantizes the experts' inputs too, so the reference is the dense kernel on the
@@ -218,15 +256,16 @@ def test_fp8_layouts_agree(params):
                                    ref, rtol=1e-5, atol=1e-5, err_msg=f"{experts}, {layout}")
 
 
-# What an 8-bit cache may cost the logits of this random 8-layer model (max |difference| over
-# max |logit|), about twice the largest error observed (int8 0.8%, fp8 11%): int8 rounds to
+# What an 8-bit cache may cost the logits of this random 4-layer model (max |difference| over
+# max |logit|), about twice the largest error observed (int8 0.7%, fp8 3.2%): int8 rounds to
 # 1/254 of each row's max, e4m3 to 1/16 of each value. (Trained models: the accuracy benchmark.)
-KV_BOUND = {"int8": 0.02, "fp8": 0.25}
+KV_BOUND = {"int8": 0.015, "fp8": 0.07}
 
 
 def _decode(cfg, params, prompts, steps, layout):
     """(last prefill logits, tokens, logits after `steps` greedy steps); the prompt prefilled in
-    pieces of 4, so that later pieces read the cache."""
+    pieces of 4, so that later pieces read the cache. `steps` is decode's traced limit: one
+    program of 8 steps runs them all."""
     _, state = sampling.prefill(cfg, params, prompts, max_new_tokens=8, prefill_chunk=4,
                                 layout=layout)
     assert isinstance(state.cache["layer_0"]["k"], QArray) == (cfg.kv_dtype is not None)
@@ -234,7 +273,7 @@ def _decode(cfg, params, prompts, steps, layout):
     rt = model.resolve(cfg, "decode", layout=layout)
     tokens, state = sampling.decode(cfg, rt, rt.view_params(params),
                                     state._replace(cache=rt.view_cache(state.cache)),
-                                    jnp.asarray([-1]), 0, steps, steps=steps, temperature=0.0,
+                                    jnp.asarray([-1]), 0, steps, steps=8, temperature=0.0,
                                     top_k=None, top_p=None)
     return first, np.asarray(tokens), np.asarray(state.logits)
 

@@ -12,7 +12,8 @@ and already scaled by its router score (model/moe.py), each returning ys [M, D] 
 Experts have no biases, so an expert on a zero input gives exactly zero.
 The weights come as stored, arrays or quantized (qwix QArrays): each kernel casts, or
 dequantizes, what it reads (kernels/quantized.py), after picking the experts where it picks
-them. Quantized weights are for inference: `_rounds` has no gradient for them.
+them; `grouped` reads a quantized stack one expert at a time (`swiglu_by_expert`). Quantized
+weights are for inference: they have no gradient here.
 Local letters: M token copies; R rows an expert takes in one round of `swiglu_rounds`.
 """
 from __future__ import annotations
@@ -55,9 +56,55 @@ def grouped(xs, ids, wi_gate, wi_up, wo, *, swiglu_kernel, first: int | jax.Arra
     key = jnp.where(here, local, E)
     order = jnp.argsort(key, stable=True)
     group_sizes = jnp.bincount(key, length=E + 1)[:E].astype(jnp.int32)
+    if isinstance(wi_gate, QArray):  # a quantized stack is read one expert at a time
+        swiglu_kernel = swiglu_by_expert
     ys = swiglu_kernel(xs[order], wi_gate, wi_up, wo, group_sizes)
     ys = jnp.where(here[order][:, None], ys, 0)       # rows past the groups are undefined
     return jnp.zeros_like(xs).at[order].set(ys, unique_indices=True)
+
+
+def swiglu_by_expert(xs, wi_gate, wi_up, wo, group_sizes, rows: int | None = None):
+    """The same as `swiglu_ragged`, for quantized weights (QArrays [E, D, F], [E, F, D]): a loop
+    over the experts that have rows dequantizes one expert's weights and runs its group in rounds
+    of `rows` rows R. Dequantizing the whole stack before a grouped matmul would hold a layer's
+    experts in float (Scout: 4 GB in bf16 a layer, beside 1 GB of int4), and a block's layers
+    at once where the compiler schedules them together; in the loop a layer holds one expert's.
+    The loop takes the layer's quantized stack as an operand, which XLA copies out of the stacked
+    layers (1 GB for Scout's int4): up to E / 4 rows instead gather their experts' weights (a
+    quarter of the float stack, no more than that copy; one expert for one decoded token).
+    No gradient: the loops' lengths depend on the routing; quantized weights are for inference."""
+    M, D = xs.shape
+    E = group_sizes.shape[0]
+    if 4 * M <= E:
+        expert = jnp.repeat(jnp.arange(E), group_sizes, total_repeat_length=M)
+        return swiglu_gathered(xs, wi_gate, wi_up, wo, expert)
+    R = rows or _rows_per_round(M, E)
+    start = jnp.cumsum(group_sizes) - group_sizes
+    picked = jnp.argsort(group_sizes == 0, stable=True)   # the experts with rows first
+    # R rows of padding: a round's window past the last row stays in bounds
+    xs_pad = jnp.concatenate([xs, jnp.zeros((R, D), xs.dtype)])
+
+    def expert(i, y):
+        e = picked[i]
+        w = tuple(a[e] for a in (wi_gate, wi_up, wo))     # QArrays [D, F], [D, F], [F, D]
+
+        def one_round(r, y):
+            at = start[e] + r * R
+            new = swiglu(jax.lax.dynamic_slice_in_dim(xs_pad, at, R), *w)       # [R, D]
+            mine = (r * R + jnp.arange(R) < group_sizes[e])[:, None]  # past it: the next group's
+            old = jax.lax.dynamic_slice_in_dim(y, at, R)
+            return jax.lax.dynamic_update_slice_in_dim(y, jnp.where(mine, new, old), at, 0)
+
+        return jax.lax.fori_loop(0, (group_sizes[e] + R - 1) // R, one_round, y)
+
+    y = jax.lax.fori_loop(0, jnp.sum(group_sizes > 0), expert, jnp.zeros_like(xs_pad))
+    return y[:M]
+
+
+def _rows_per_round(M: int, E: int) -> int:
+    """Twice the balanced share of M rows over E experts (a power of two, 8 to M), so that one
+    round usually takes a whole group."""
+    return int(min(M, max(8, 2 ** math.ceil(math.log2(max(2 * M // E, 1))))))
 
 
 def swiglu_ragged(xs, wi_gate, wi_up, wo, group_sizes):

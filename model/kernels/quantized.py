@@ -5,7 +5,8 @@ A quantized weight is the same leaf of the parameter tree under the same name, h
 cache buffer (model/kv_cache.py). Where a module or kernel reads one it calls `dense(w, dtype)`:
 an array is cast to the compute dtype, a QArray dequantized into it (qvalue converted, times its
 scale broadcast over the reduced axes or groups). The expert kernels pick the experts they read
-before dequantizing (gathered, switched: only those are converted).
+before dequantizing (gathered, switched: only those are converted; grouped: one expert at a
+time, so that a layer never holds its expert stack in float).
 
 fp8 weights (the fp8_mixed recipe, Meta's FP8 checkpoint) take fp8 activations, as Meta's
 fbgemm kernels and the checkpoint's `input_activations` (dynamic, per token) say: `on_use`
@@ -25,6 +26,9 @@ for a gain this CPU cannot show, so the kernels keep one product and dequantize 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax.numpy as jnp
 from qwix import QArray, dequantize
 
@@ -41,12 +45,31 @@ def dense(w, dtype):
     return w.astype(dtype)
 
 
+# Within `rows_split`: how a row's max over its local part becomes the whole row's max.
+_ROW_MAX = contextvars.ContextVar("fp8_row_max", default=None)
+
+
+@contextlib.contextmanager
+def rows_split(whole_max):
+    """Within (while a sharded body is traced): the rows that fp8 products take may be split
+    over devices along K (the experts' hidden width F split over `tensor`), and `whole_max`
+    (local max -> the row's max, a collective) makes each row's scale the whole row's. Rows held
+    whole on every device give their own max back, so every product may take it."""
+    token = _ROW_MAX.set(whole_max)
+    try:
+        yield
+    finally:
+        _ROW_MAX.reset(token)
+
+
 def fp8_rows(x):
     """x [..., K] quantized to float8_e4m3fn per row and back (fbgemm's quantize_fp8_per_row
     with Meta's upper bound): scale = clip(max |row|, 1e-12, 1200) / 448, values clipped."""
     x32 = x.astype(jnp.float32)
-    row_max = jnp.clip(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), ROW_MAX_FLOOR,
-                       ACTIVATION_UB)
+    row_max = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    if (whole_max := _ROW_MAX.get()) is not None:
+        row_max = whole_max(row_max)
+    row_max = jnp.clip(row_max, ROW_MAX_FLOOR, ACTIVATION_UB)
     q = jnp.clip(x32 * (FP8_MAX / row_max), -FP8_MAX, FP8_MAX).astype(FP8)
     return (q.astype(jnp.float32) * (row_max / FP8_MAX)).astype(x.dtype)
 
