@@ -125,8 +125,7 @@ def swiglu_rounds(xs, wi_gate, wi_up, wo, group_sizes, rows: int | None = None):
     if M <= E:
         expert = jnp.repeat(jnp.arange(E), group_sizes, total_repeat_length=M)
         return swiglu_gathered(xs, wi_gate, wi_up, wo, expert)
-    if rows is None:  # twice the balanced share, so that one round usually takes every group
-        rows = int(min(M, max(8, 2 ** math.ceil(math.log2(max(2 * M // E, 1))))))
+    rows = rows or _rows_per_round(M, E)
     return _rounds(xs, wi_gate, wi_up, wo, group_sizes, rows)
 
 
