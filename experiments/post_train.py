@@ -213,10 +213,24 @@ def stdlib_rows(r: Recipe, tok):
                                                              tok.special.get("pad", 0))
 
 
-def history(run: str, *keys) -> dict:
+# The per-step metrics each stage's record keeps (its curves), from its run's metrics.jsonl.
+CURVES = {"sft": ("ce",), "grpo": ("pass_rate", "kl", "groups_kept"),
+          "dpo": ("dpo", "reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp"),
+          "student_hard": ("ce",), "student_distill": ("ce",)}
+
+
+def history(r: Recipe, stage: str, seed: int) -> dict:
     from training import read_metrics
-    ms = read_metrics(run)
-    return {k: [m[k] for m in ms] for k in keys}
+    ms = read_metrics(r.path(f"{stage}{seed}"))
+    return {k: [m[k] for m in ms] for k in CURVES[stage]}
+
+
+def reread_curves(r: Recipe):
+    """Each recorded stage's curves read anew from its run (--report: after CURVES changed)."""
+    for key in r.records:
+        stage, _, seed = key.partition("/")
+        if stage in CURVES and os.path.isdir(r.path(f"{stage}{seed}")):
+            r.records[key].update(history(r, stage, int(seed)))
 
 
 # ---- the stages ----------------------------------------------------------------------------------
@@ -250,12 +264,13 @@ def run_recipe(r: Recipe):
                 "correct_dropped": float(right[~kept].mean())}
     r.stage("filter", filtered)
 
+    files, held_rows = stdlib_rows(r, tok)
     for seed in range(r.seeds):
         def sft(seed=seed):
             out = r.path(f"sft{seed}")
             run_train(["--init", base, "--data", r.path("data", "sft.kept.jsonl"), "--out", out,
                        *train_flags(r.size, "sft", seed)])
-            return {**history(out, "ce"), **held_out_pass_rates(r, out, tok)}
+            return {**history(r, "sft", seed), **held_out_pass_rates(r, out, tok)}
         r.stage(f"sft/{seed}", sft)
 
         def grpo(seed=seed):
@@ -263,7 +278,7 @@ def run_recipe(r: Recipe):
             run_train(["--objective", "grpo", "--init", r.path(f"sft{seed}"),
                        "--data", r.path("data", "tasks.jsonl"), "--out", out,
                        *train_flags(r.size, "grpo", seed)])
-            return {**history(out, "pass_rate", "kl", "groups_kept"),
+            return {**history(r, "grpo", seed),
                     **held_out_pass_rates(r, out, tok)}
         r.stage(f"grpo/{seed}", grpo)
 
@@ -272,14 +287,13 @@ def run_recipe(r: Recipe):
             run_train(["--objective", "dpo", "--init", init,
                        "--data", r.path("data", "pairs.tasks.jsonl"), "--out", out,
                        *train_flags(r.size, "dpo", seed)])
-            return {**history(out, "dpo", "reward_accuracy", "reward_margin"),
+            return {**history(r, "dpo", seed),
                     "held_reward_accuracy": held_out_reward_accuracy(r, out, init, tok),
                     **held_out_pass_rates(r, out, tok)}
         r.stage(f"dpo/{seed}", dpo)
 
-    files, held_rows = stdlib_rows(r, tok)
-    r.stage("teacher", lambda: {"held_bits": held_out_bits(*load(base), held_rows)})
-    for seed in range(r.seeds):
+        # Each seed's students beside its chain: a run cut short has every stage for its seeds.
+        r.stage("teacher", lambda: {"held_bits": held_out_bits(*load(base), held_rows)})
         for how in ("hard", "distill"):
             def student(seed=seed, how=how):
                 out = r.path(f"student_{how}{seed}")
@@ -288,7 +302,8 @@ def run_recipe(r: Recipe):
                 run_train([*objective, "--preset", "tiny", *set_flags(r.size.student),
                            *tok_flags, "--data", *files, "--out", out,
                            *train_flags(r.size, "distill", seed)])
-                return {**history(out, "ce"), "held_bits": held_out_bits(*load(out), held_rows)}
+                return {**history(r, f"student_{how}", seed),
+                        "held_bits": held_out_bits(*load(out), held_rows)}
             r.stage(f"student_{how}/{seed}", student)
 
 
@@ -308,6 +323,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="runs/post_train", help="run directory")
     ap.add_argument("--results", help="results directory (default: experiments/results, "
                                       "with --size smoke OUT/results)")
+    ap.add_argument("--report", action="store_true",
+                    help="write the results from OUT's records so far; train nothing")
     return ap.parse_args(argv)
 
 
@@ -336,12 +353,14 @@ def main(argv=None):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     from experiments import post_train_report
     r = Recipe(args.out, size, seeds, args.base)
-    t0 = time.time()
-    run_recipe(r)
+    if args.report:
+        r.load()
+        reread_curves(r)
+    else:
+        run_recipe(r)
     results = args.results or (os.path.join(args.out, "results") if args.size == "smoke"
                                else DEFAULT_RESULTS)
-    post_train_report.write(r.records, seeds, size, command(args), results,
-                            time.time() - t0)
+    post_train_report.write(r.records, seeds, size, command(args), results)
     print(f"post-training results in {results}/post_training.md", file=sys.stderr)
 
 

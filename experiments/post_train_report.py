@@ -12,8 +12,12 @@ import numpy as np
 from experiments.ablation_report import Stat, _band, _ema, compare, stat
 
 
+STAGES = ("sft", "grpo", "dpo", "student_hard", "student_distill")
+
+
 def _seeds(records: dict, stage: str, seeds: int) -> list[dict]:
-    return [records[f"{stage}/{s}"] for s in range(seeds)]
+    """The stage's records of the seeds that ran it (all, unless the run was cut short)."""
+    return [records[k] for k in (f"{stage}/{s}" for s in range(seeds)) if k in records]
 
 
 def _tail(values: list, n: int = 10) -> float:
@@ -42,16 +46,17 @@ def _finding(what: str, before: Stat, after: Stat, fmt: str = ".3f", lower_bette
     return f"- {what}: {change}; {verdict}."
 
 
-def _against_chance(what: str, acc: Stat) -> str:
-    """Chance is 0.5 exactly (no spread): the accuracy counts when its mean is further from
-    it than its seed spread, and more than one seed ran."""
-    if acc.n < 2:
+def _against_fixed(what: str, ref: str, value: float, s: Stat) -> str:
+    """Against a figure no seed enters (chance, or the one base model): `s` counts when its
+    mean is further from it than its own seed spread, and more than one seed ran."""
+    if s.n < 2:
         verdict = "a single run: no spread to judge by"
-    elif abs(acc.mean - 0.5) > acc.sd:
-        verdict = f"{'above' if acc.mean > 0.5 else 'below'} chance (0.5) beyond the seed spread"
+    elif abs(s.mean - value) > s.sd:
+        verdict = (f"{'above' if s.mean > value else 'below'} {ref} ({value:.3f}) beyond the "
+                   "seed spread")
     else:
-        verdict = "within the seed spread of chance (0.5): no preference learned"
-    return f"- {what}: {acc.text('.3f')}; {verdict}."
+        verdict = f"within the seed spread of {ref} ({value:.3f}): no difference"
+    return f"- {what}: {s.text('.3f')}; {verdict}."
 
 
 def tables(records: dict, seeds: int) -> tuple[str, list[str]]:
@@ -101,20 +106,26 @@ def tables(records: dict, seeds: int) -> tuple[str, list[str]]:
                  S("dpo", lambda r: _tail(r["reward_accuracy"]))),
             _row("train loss, first step", S("dpo", lambda r: r["dpo"][0])),
             _row("train loss, last 10 steps", S("dpo", lambda r: _tail(r["dpo"]))),
+            _row("chosen log-prob (policy, mean), first step",
+                 S("dpo", lambda r: r.get("chosen_logp", [None])[0])),
+            _row("chosen log-prob, last 10 steps",
+                 S("dpo", lambda r: _tail(r["chosen_logp"]) if "chosen_logp" in r else None)),
+            _row("rejected log-prob, last 10 steps",
+                 S("dpo", lambda r: _tail(r["rejected_logp"]) if "rejected_logp" in r else None)),
             "", "### Distillation (held-out stdlib files, bits/byte)", "",
             "| | bits/byte |", "|---|---|",
             _row("teacher (the base, one run)", one(records["teacher"]["held_bits"])),
             _row("student, hard targets only", hard),
             _row("student, distilled (gradnorm rule)", taught)]
     findings = [
-        _finding("SFT, held-out pass rate (greedy), base -> SFT", one(base["pass_greedy"]),
-                 sft_g),
+        _against_fixed("SFT, held-out pass rate (greedy)", "the base's",
+                       base["pass_greedy"], sft_g),
         _finding("GRPO, held-out pass rate (sampled), SFT -> GRPO", sft_s, grpo_s),
         _finding("GRPO, held-out pass rate (greedy), SFT -> GRPO", sft_g, grpo_g),
         _finding("GRPO, the rollouts' pass rate, first 10 -> last 10 steps", roll_first,
                  roll_last),
         _finding("DPO, held-out pass rate (greedy), GRPO -> DPO", grpo_g, dpo_g),
-        _against_chance("DPO, held-out reward accuracy", held_acc),
+        _against_fixed("DPO, held-out reward accuracy", "chance", 0.5, held_acc),
         _finding("Distillation, student's held-out bits/byte, hard only -> distilled", hard,
                  taught, lower_better=True),
     ]
@@ -138,16 +149,27 @@ def figure(records: dict, seeds: int, path: str):
     for ax, title, curves in panels:
         for stage, key, label, color in curves:
             runs = [_ema(r[key]) for r in _seeds(records, stage, seeds)]
+            if not runs:
+                continue
             _band(ax, np.arange(1, len(runs[0]) + 1), runs, label, color)
         ax.set(title=title, xlabel="step")
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.suptitle(f"Post-training stages: mean over {seeds} seeds (EMA 0.9), band ±1 sd")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write(records: dict, seeds: int, size, cmd: str, results: str, wall: float):
+def _ran(records: dict, seeds: int) -> str:
+    done = {st: len(_seeds(records, st, seeds)) for st in STAGES}
+    if all(n == seeds for n in done.values()):
+        return ""
+    return ("; the run was cut short, seeds done: "
+            + ", ".join(f"{st} {n}" for st, n in done.items()))
+
+
+def write(records: dict, seeds: int, size, cmd: str, results: str):
     os.makedirs(results, exist_ok=True)
     figure(records, seeds, os.path.join(results, "post_training.png"))
     body, findings = tables(records, seeds)
@@ -156,10 +178,9 @@ def write(records: dict, seeds: int, size, cmd: str, results: str, wall: float):
     lines = [
         "# Post-training, end to end", "", f"    {cmd}", "",
         f"Made {datetime.date.today()}, {platform.machine()} with {os.cpu_count()} CPU cores "
-        f"(shared), fp32; {total / 60:.1f} min over all stages ({wall / 60:.1f} min in the "
-        "last invocation). Seeds: "
-        f"{seeds} per stage (the base and the filter are one run each). Curves: "
-        "post_training.png.", "",
+        f"(shared), fp32; {total / 60:.1f} min over all stages. Seeds: "
+        f"{seeds} per stage (the base and the filter are one run each){_ran(records, seeds)}. "
+        "Curves: post_training.png.", "",
         f"Task: reverse {size.digits} letters of a-h, chat form; "
         f"{records['data']['train_tasks']} training tasks, "
         f"{records['data']['held_out_tasks']} held out. Steps: SFT {st['sft']['steps']} (lr "

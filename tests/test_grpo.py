@@ -115,22 +115,24 @@ def test_grpo_resumes_exactly_and_sharded_equals_one_device(tmp_path, tok, cfg, 
         np.testing.assert_allclose([m[key] for m in h_split], [m[key] for m in h_one],
                                    rtol=1e-5, atol=1e-5)
     assert h_one[3]["clipped"] > 0  # the second update of a rollout moved past the clip
-    # The parameters, to the error that gradients equal to fp32 rounding (the next test: within
-    # 1e-5 of each leaf's largest, S ~ its largest sqrt(v)) leave after Adam's updates: an
-    # entry's update lr * m / sqrt(v) moves by about lr * 1e-5 * S / sqrt(v) per step, at most
-    # by 2 lr (the sign reversed). Where sqrt(v) is large that is ~1e-7: those agree tightly.
+    # The parameters: the next test finds the gradients equal to fp32 rounding, and Adam's
+    # update lr * m / sqrt(v) turns a rounding error d of a gradient into ~lr * d / sqrt(v):
+    # small where an entry's gradients are large, up to 2 lr (the sign flipped) where they are
+    # near the noise. So all but a few entries agree to 1e-5, and those few are entries whose
+    # sqrt(v) is well below their leaf's largest, moved by at most Adam's 2 lr a step.
     lr_sum = sum(m["lr"] for m in h_one)
     nu = next(x.nu for x in jax.tree.leaves(one["opt_state"], is_leaf=_is_adam)
               if _is_adam(x))
-    loose = 0
+    off_total = 0
     for a, b, v in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(split["params"]),
                        jax.tree.leaves(nu)):
-        root_v = np.sqrt(np.asarray(v))
-        amplified = lr_sum * 1e-5 * root_v.max() / np.maximum(root_v, 1e-30)
-        tol = 1e-6 + np.minimum(amplified, 2 * lr_sum)
-        np.testing.assert_array_less(np.abs(np.asarray(a) - np.asarray(b)), tol)
-        loose += int(np.sum(tol > 1e-5))
-    assert loose < 0.02 * sum(np.size(a) for a in jax.tree.leaves(one["params"]))
+        diff, root_v = np.abs(np.asarray(a) - np.asarray(b)), np.sqrt(np.asarray(v))
+        off = diff > 1e-5
+        off_total += int(off.sum())
+        assert off.mean() <= 0.03, (off.sum(), off.size)
+        assert np.all(diff[off] <= 2 * lr_sum)
+        assert np.all(root_v[off] < 0.25 * root_v.max()), root_v[off] / root_v.max()
+    assert off_total <= 0.01 * sum(np.size(a) for a in jax.tree.leaves(one["params"]))
 
 
 def _is_adam(x) -> bool:
@@ -143,7 +145,7 @@ def test_grpo_gradients_sharded_equal_one_device(tok, cfg, task_files, base):
     rounding of their sums (measured: at most 2.4e-6 of each leaf's largest entry, no sign
     flipped). So where parameters part after a few Adam updates it is Adam's doing: its update
     lr * m / (sqrt(v) + 1e-8) is about lr * sign(g) wherever |g| is near the fp32 noise of
-    its sum, so rounding decides the direction of those few entries (see the next test)."""
+    its sum, so rounding decides the direction of those few entries (the test above)."""
     import sharding
     from training.loop import _batch_axes
     tasks = T.read_tasks(tok, task_files[1])
