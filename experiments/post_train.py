@@ -347,10 +347,12 @@ def main(argv=None):
         sys.exit(f"error: --base {args.base!r} is not a directory")
     os.makedirs(args.out, exist_ok=True)
     import jax
-    # Seeds after the first find each compiled program on disk; set before JAX compiles anything.
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(args.out,
-                                                                                "jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    # Seeds after the first find each compiled program on disk (unless the caller set a cache
+    # already); set before JAX compiles anything.
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir",
+                          os.path.abspath(os.path.join(args.out, "jax_cache")))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     from experiments import post_train_report
     r = Recipe(args.out, size, seeds, args.base)
     if args.report:

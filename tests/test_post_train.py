@@ -1,7 +1,10 @@
 """The post-training recipe end to end at --size smoke from a tiny base: every stage runs its
 command and records its figures, the results file has every stage's table, a second call
-reads the records back instead of training again."""
+reads the records back instead of training again. The recipe runs in a subprocess: it sets a
+compilation cache of its own, which must not outlive it in the test process."""
 import json
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -9,6 +12,7 @@ import pytest
 import checkpoints
 import model
 from experiments import post_train
+from tests.runs import cached_env
 from training import byte_tokenizer, read_metrics
 
 
@@ -26,8 +30,10 @@ def base(tmp_path_factory):
 
 def test_smoke_recipe_runs_every_stage(tmp_path, base):
     out = tmp_path / "pt"
-    argv = ["--size", "smoke", "--seeds", "1", "--base", base, "--out", str(out)]
-    post_train.main(argv)
+    cmd = [sys.executable, "-m", "experiments.post_train", "--size", "smoke", "--seeds", "1",
+           "--base", base, "--out", str(out)]
+    env = cached_env(tmp_path)
+    _run(cmd, env)
     records = json.loads((out / "records.json").read_text())
     stages = ("data", "base_eval", "filter", "sft/0", "grpo/0", "dpo/0", "teacher",
               "student_hard/0", "student_distill/0")
@@ -53,9 +59,14 @@ def test_smoke_recipe_runs_every_stage(tmp_path, base):
     assert (out / "results" / "post_training.png").stat().st_size > 0
     # Run again: every stage is read back from records.json, nothing retrained.
     stamp = (out / "sft0" / "metrics.jsonl").stat().st_mtime_ns
-    post_train.main(argv)
+    _run(cmd, env)
     assert (out / "sft0" / "metrics.jsonl").stat().st_mtime_ns == stamp
     assert json.loads((out / "records.json").read_text()) == records
+
+
+def _run(cmd, env):
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
 
 
 def test_bad_base_is_refused_before_anything_runs(tmp_path):
