@@ -3,6 +3,7 @@ SFT -> online RL (GRPO) -> DPO, and the base distilled into a smaller student; e
 metrics over seeds in one results file with plots.
 
     python -m experiments.post_train [--size default|smoke] [--seeds 3] [--base CKPT] [--out DIR]
+    python -m experiments.post_train --report     # the results again from OUT's records
 
 Every stage runs the project's own command, in this process: `experiments.quickstart` trains
 the base (unless --base names a checkpoint), `experiments.make_tasks` writes the tasks,
