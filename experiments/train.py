@@ -44,7 +44,7 @@ def parse_overrides(items: list[str]) -> dict:
     import ast
     import model
     from model.config import ConfigError
-    fields = {f.name for f in dataclasses.fields(model.TextConfig)}
+    fields = {f.name: f for f in dataclasses.fields(model.TextConfig)}
     out = {}
     for item in items:
         key, _, value = item.partition("=")
@@ -55,7 +55,7 @@ def parse_overrides(items: list[str]) -> dict:
             v = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             v = value
-        if key.endswith("layers") and isinstance(v, int):
+        if "tuple" in str(fields[key].type) and isinstance(v, int):  # moe_layers=3, not num_layers
             v = (v,)
         out[key] = tuple(v) if isinstance(v, list) else v
     return out
