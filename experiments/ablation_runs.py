@@ -215,11 +215,13 @@ class _Progress:
 
 
 def _code_version() -> str:
-    """The commit, "-dirty" when tracked files other than results differ from it (the results
-    files an ablation run writes do not make the code that wrote them dirty)."""
+    """The commit of the checkout this code is in (whatever the working directory), "-dirty"
+    when tracked files other than results differ from it (the results files an ablation run
+    writes do not make the code that wrote them dirty); "unknown" outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,  # noqa: E731
-                                        check=True).stdout.strip()
+                                        check=True, cwd=root).stdout.strip()
         rev = git("rev-parse", "--short", "HEAD")
         changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
                       ":(exclude)experiments/results")
