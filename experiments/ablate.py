@@ -44,14 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def describe(size) -> str:
-    """Each ablation and its variants, as the fields each changes in the base model (and the
-    optimiser) at this size."""
+def describe(size, names=None) -> str:
+    """Each ablation (or those named) and its variants, as the fields each changes in the base
+    model (and the optimiser) at this size."""
     from training import byte_tokenizer
     from .ablations import base_config
     base, optim = base_config(size, byte_tokenizer()), size.optim_config()
     lines = [f"(fields as at --size {size.name})"]
-    for a in ABLATIONS.values():
+    for a in (ABLATIONS[n] for n in names or ABLATIONS):
         lines.append(f"{a.name}: {a.question}")
         for i, v in enumerate(a.variants):
             diff = {**_changed(base.text, v.config(base).text),

@@ -4,11 +4,15 @@ A run's directory OUT/runs/<hash> holds the training run (checkpoints, metrics.j
 (what determines it, and the time spent on it, summed over sessions) and evals.json (the
 evaluations done so far, or "diverged_at"). A run is read back when its training is finished and
 the evaluations an ablation asks for are there; otherwise training resumes from its latest
-checkpoint and the missing evaluations are done.
+checkpoint and the missing evaluations are done. A run is trained by one process at a time
+(OUT/runs/<hash>.lock): two ablations started together that share a run (their reference) train
+it once, the second waiting for the first and reading it back.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -37,10 +41,39 @@ def run_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _finite(obj):
+    """obj with every NaN or infinite float as None (JSON has no NaN: null is "undefined",
+    e.g. the mean of a metric no seed measured)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _write_json(path: str, obj):
+    text = json.dumps(_finite(obj), indent=1, allow_nan=False)
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text)
     os.replace(path + ".tmp", path)  # a kill leaves the old file or the new one, never half
+
+
+@contextlib.contextmanager
+def _one_at_a_time(path: str, what: str):
+    """Held while a process trains or evaluates the run; another one waits (its line says so)."""
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{what}: waiting for the other process working on this run", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _read_json(path: str) -> dict:
@@ -91,13 +124,19 @@ class Runner:
         settings = self.settings(cfg, optim, seed, ablation.retrieval)
         out = os.path.join(self.out, "runs", run_key(settings))
         os.makedirs(out, exist_ok=True)
+        what = f"{tag} {ablation.name} {v.name} seed {seed}"
+        with _one_at_a_time(out + ".lock", what):
+            return self._run(ablation, v, seed, what, cfg, optim, settings, out)
+
+    def _run(self, ablation: Ablation, v: Variant, seed: int, what: str, cfg, optim,
+             settings: dict, out: str) -> dict:
         info = _read_json(os.path.join(out, "run.json")) or {
             "settings": settings, "train_s": 0.0, "eval_s": 0.0, "cpu_s": 0.0, "loads": []}
         info["used_by"] = sorted(set(info.get("used_by", [])) | {f"{ablation.name}/{v.name}"})
         have = _read_json(os.path.join(out, "evals.json"))
         need = [e for e in ablation.evals if e not in have]
         done_now = False
-        progress = _Progress(f"{tag} {ablation.name} {v.name} seed {seed}", optim.steps)
+        progress = _Progress(what, optim.steps)
         if "diverged_at" not in have and (need or not _finished(out, optim.steps)):
             done_now = True
             info["loads"].append(round(os.getloadavg()[0], 2))
@@ -176,11 +215,13 @@ class _Progress:
 
 
 def _code_version() -> str:
-    """The commit, "-dirty" when tracked files other than results differ from it (the results
-    files an ablation run writes do not make the code that wrote them dirty)."""
+    """The commit of the checkout this code is in (whatever the working directory), "-dirty"
+    when tracked files other than results differ from it (the results files an ablation run
+    writes do not make the code that wrote them dirty); "unknown" outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,  # noqa: E731
-                                        check=True).stdout.strip()
+                                        check=True, cwd=root).stdout.strip()
         rev = git("rev-parse", "--short", "HEAD")
         changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
                       ":(exclude)experiments/results")

@@ -14,6 +14,7 @@ SMALL = {
     "checkpoints": {"hf_token": "", "max_new_tokens": 8, "out": "{tmp}/ckpt",
                     "plan_rows": [["scout", "tensor=4", "bfloat16", 8192],
                                   ["maverick", "tensor=8", "bfloat16", 8192]]},
+    "ablation": {"name": "interleave", "seeds": 1, "out": "{tmp}/runs"},
     "sharding": {"meshes": ["expert=8", "tensor=2,expert=4"],
                  "plan_rows": [["scout", "tensor=8", "bfloat16", 8192],
                                ["maverick", "expert=4,tensor=2", "bfloat16", 8192]]},

@@ -115,7 +115,11 @@ def make_train_step(cfg: Config, o: OptimConfig, plan=None, state_shardings=None
         # that reaches a checkpoint holds NaN or inf; the loop stops on it (see loop.train).
         finite = jnp.stack([jnp.isfinite(metrics["loss"]), _all_finite(grads),
                             _all_finite((new["params"], new["opt_state"]))])
-        new = jax.tree.map(lambda n, o: jnp.where(jnp.all(finite), n, o), new, state)
+        # The verdict comes out of a conditional, which XLA does not fuse into its users: as a
+        # plain scalar, the chain of per-leaf checks was copied into every leaf's select (the
+        # quickstart model's step compiled in 18 CPU-seconds on XLA:CPU, 10 this way).
+        ok = jax.lax.cond(jnp.all(finite), lambda: jnp.bool_(True), lambda: jnp.bool_(False))
+        new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
         metrics |= {"grad_norm": optax.global_norm(grads), "lr": lr(state["step"]),
                     "finite": finite}
         return new, metrics
