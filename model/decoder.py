@@ -130,9 +130,10 @@ class Decoder(nn.Module):
             block_cache = None if cache is None else views.part(cache, i)
             x, new = block.apply({"params": views.part(stacked, i)}, x, positions, block_cache)
             if cache is not None:  # each layer's new keys written, unless it wrote them already
-                caches.append({name: new[name] if self.rt.writes_cache_first(spec.chunked) else
-                               kv_cache.write_layer(block_cache[name], new[name]["k"],
-                                                    new[name]["v"], positions)
-                               for name, spec in ((f"layer_{j}", spec) for j, spec
-                                                  in enumerate(self.cfg.text.block_specs))})
+                caches.append({})
+                for j, spec in enumerate(self.cfg.text.block_specs):
+                    name = f"layer_{j}"
+                    caches[-1][name] = new[name] if self.rt.writes_cache_first(spec.chunked) else \
+                        kv_cache.write_layer(block_cache[name], new[name]["k"], new[name]["v"],
+                                             positions)
         return x, (views.join(caches) if cache is not None else None)
