@@ -137,12 +137,13 @@ class Runner:
         need = [e for e in ablation.evals if e not in have]
         done_now = False
         progress = _Progress(what, optim.steps)
-        if "diverged_at" not in have and (need or not _finished(out, optim.steps)):
+        finished = _finished(out, optim.steps)
+        if "diverged_at" not in have and (need or not finished):
             done_now = True
             info["loads"].append(round(os.getloadavg()[0], 2))
             cpu0 = time.process_time()  # CPU seconds: what a run costs whatever the machine's load
             params = None
-            if not _finished(out, optim.steps):
+            if not finished:
                 t0 = time.time()
                 run = RunConfig(out=out, batch=self.size.batch, seq=self.size.seq, seed=seed,
                                 save_every=self.size.save_every, keep=1, resume=True,

@@ -168,8 +168,8 @@ def plan(preset: str, mesh_spec: str, dtype: str, batch: int, context: int, *,
         out[name] = {"arguments": args, "outputs": outs, "aliased": alias, "temporaries": temp,
                      "total": args + outs - alias + temp}
     out["arithmetic"] = arithmetic(cfg, mesh, batch, context, piece, quantize)
-    out["prefill_flops"] = batch * prefill_flops(cfg, context)["total"]
-    out["prefill_s"] = batch * prefill_seconds(cfg, context, mesh.size, "H100", MFU)
+    out["prefill_flops"] = batch * prefill_flops(cfg, context)
+    out["prefill_s"] = out["prefill_flops"] / (mesh.size * PEAK_TFLOPS["H100"] * 1e12 * MFU)
     out["checkpoint"] = checkpoint_bytes(preset, param_dtype or dtype)
     return out
 
@@ -219,7 +219,7 @@ def arithmetic(cfg, mesh, batch: int, context: int, piece: int, quantize: str | 
             "total": params + cache + scores}
 
 
-def prefill_flops(cfg, tokens: int) -> dict:
+def prefill_flops(cfg, tokens: int) -> float:
     """Useful FLOPs of prefilling one prompt of `tokens` (forward only): 2 per active weight per
     token for the matmuls (the embedding is a lookup; the LM head runs on each piece's last token
     only, left out), plus causal attention, QK^T and PV, 4 * H FLOPs per head per (query, key):
@@ -234,12 +234,7 @@ def prefill_flops(cfg, tokens: int) -> dict:
     for spec in t.layer_specs:
         seen = min(t.attention_chunk_size, tokens) if spec.chunked else tokens
         attention += per_key * tokens * seen / 2
-    return {"matmul": matmul, "attention": attention, "total": matmul + attention}
-
-
-def prefill_seconds(cfg, tokens: int, chips: int, chip: str, mfu: float) -> float:
-    """Seconds to prefill `tokens` on `chips` chips at `mfu` of their dense bf16 peak."""
-    return prefill_flops(cfg, tokens)["total"] / (chips * PEAK_TFLOPS[chip] * 1e12 * mfu)
+    return matmul + attention
 
 
 def _gb(x) -> str:
@@ -315,7 +310,6 @@ def figure(results: list[dict]):
     return fig
 
 
-TABLE_DEVICES = 16  # the largest mesh of TABLE
 TABLE = [  # (preset, mesh, dtype, context, weight recipe, KV-cache dtype)
     ("scout", "tensor=8", "bfloat16", 8192, None, None),
     ("scout", "tensor=8", "bfloat16", 131072, None, None),
@@ -369,7 +363,7 @@ def table(path: str, devices, batch: int):
         f.write(f"""# Memory plan: per-device GB (1e9 bytes), batch 1, text decoder
 
 Made by `python -m experiments.plan --table {path}` (jax {jax.__version__}, XLA:CPU with
-{TABLE_DEVICES} simulated devices, about ten minutes); one row alone: `python -m experiments.plan
+{len(devices)} simulated devices, about ten minutes); one row alone: `python -m experiments.plan
 --preset scout --mesh tensor=8 --dtype bfloat16 --batch 1 --context 1048576`.
 
 - params, KV cache: shard sizes (exact). prefill / decode total: arguments + outputs - aliased
@@ -445,7 +439,8 @@ def main(argv=None):
     from model.config import ConfigError
     from sharding import ShardingError, parse_mesh
     try:
-        n = TABLE_DEVICES if args.table else math.prod(parse_mesh(args.mesh).values())
+        meshes = [m for _, m, *_ in TABLE + QUANTIZED] if args.table else [args.mesh]
+        n = max(math.prod(parse_mesh(m).values()) for m in meshes)  # the largest mesh's devices
         devices = simulate_devices(n)
         if args.table:
             return table(args.table, devices, args.batch)

@@ -104,10 +104,10 @@ def training_rows(tok, filler: np.ndarray, seq_len: int, n: int, seed: int,
     return Rows(ids, weights, np.ones(ids.shape, bool))
 
 
-def correct(predicted: np.ndarray, ex: Examples, rows=slice(None)) -> np.ndarray:
+def correct(predicted: np.ndarray, ex: Examples) -> np.ndarray:
     """predicted [n, answer]: the argmax tokens at the positions before each answer token (the
-    logits at [-answer - 1, -1)) of examples ex.ids[rows] -> [n] bool: the whole answer."""
-    return np.all(predicted == ex.ids[rows, -ex.answer:], axis=1)
+    logits at [-answer - 1, -1)) of the n examples of ex -> [n] bool: the whole answer."""
+    return np.all(predicted == ex.ids[:, -ex.answer:], axis=1)
 
 
 def batches(a: np.ndarray, batch: int):
@@ -134,14 +134,13 @@ def score(forward, grid: dict[int, Examples], batch: int, pad_id: int,
     accuracy, by_depth = [], []
     for length in lengths:
         ex = grid[length]
-        hits = []
+        predicted = []
         for ids, n in batches(ex.ids, batch):
             if one_length:
                 ids = np.concatenate([ids, pad[:, length:]], axis=1)
             logits = np.asarray(forward(ids))[:n, length - ex.answer - 1:length - 1]
-            done = sum(len(h) for h in hits)
-            hits.append(correct(logits.argmax(-1), ex, slice(done, done + n)))
-        hits = np.concatenate(hits)
+            predicted.append(logits.argmax(-1))
+        hits = correct(np.concatenate(predicted), ex)
         accuracy.append(float(hits.mean()))
         by_depth.append([float(hits[ex.depths == np.float32(d)].mean()) for d in depths])
     return {"lengths": lengths, "depths": depths, "accuracy": accuracy, "by_depth": by_depth}
