@@ -143,16 +143,12 @@ def load(path: str):
     return cfg.replace(dtype="float32"), params
 
 
-def write_jsonl(path: str, records):
-    from experiments.make_tasks import write_jsonl as write
-    write(path, records)
-
-
 # ---- data ----------------------------------------------------------------------------------------
 
 def make_data(r: Recipe) -> dict:
     """The tasks (train / held out), the noisy SFT records and the DPO pairs of both splits."""
     from experiments import make_tasks
+    from experiments.make_tasks import write_jsonl
     os.makedirs(r.path("data"), exist_ok=True)
     z = r.size
     make_tasks.main(["reverse", "--n", str(z.tasks), "--digits", str(z.digits), "--chat",
@@ -176,8 +172,8 @@ def make_data(r: Recipe) -> dict:
 
 
 def _read(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from training.text import jsonl_records
+    return [rec for _, rec in jsonl_records(path)]
 
 
 # ---- evaluations ---------------------------------------------------------------------------------

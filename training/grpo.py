@@ -40,10 +40,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .data import pad_rows
 from .objective import add_router_loss, decode, token_logprobs
 from .scoring import score_tokens
 from .settings import SettingsError, require_int, require_number
 from .tasks import Tasks, completion, read_tasks, reward, sample
+from .text import Document
 
 SAMPLING = ("difficulty", "uniform")
 ADV_EPS = 1e-4
@@ -234,17 +236,12 @@ class Rollouts:
                             for i, ids in zip(np.repeat(cand, G), new)]).reshape(-1, G)
         self.record(cand, rewards)
         kept, has_signal = select_groups(rewards, B)
-        L = self.run.seq + 1
-        tokens = np.full((B * G, L), self.cfg.text.pad_token_id or 0, np.int32)
-        weights = np.zeros((B * G, L), np.float32)
-        real = np.zeros((B * G, L), bool)
-        for row, (k, j) in enumerate((k, j) for k in kept for j in range(G)):
-            prompt = prompts[k * G + j]
-            done, _ = completion(new[k * G + j], set(tok.stop_ids))
-            ids = prompt + done
-            tokens[row, :len(ids)] = ids
-            weights[row, len(prompt):len(ids)] = 1.0
-            real[row, :len(ids)] = True
+        docs = []  # each kept sample: its prompt, then its completion as the only targets
+        for m in (k * G + j for k in kept for j in range(G)):
+            done, _ = completion(new[m], set(tok.stop_ids))
+            docs.append(Document(np.asarray(prompts[m] + done, np.int32), np.r_[
+                np.zeros(len(prompts[m])), np.ones(len(done))].astype(np.float32)))
+        tokens, weights, real = pad_rows(docs, self.run.seq, self.cfg.text.pad_token_id or 0)
         adv = np.where(has_signal[:, None], group_advantages(rewards[kept]), 0.0)
         score = lambda c, p: score_tokens(c, p, tokens, B * G, self.mesh, self.run.rules)  # noqa: E731
         return {"tokens": tokens, "weights": weights, "real": real,
