@@ -30,9 +30,9 @@ from .quantized import dense
 DENSE_MAX_LEN = 2048
 BLOCK = 512
 # Below dense_max_len keys inference puts its queries in up to QUERY_BLOCKS blocks of QUERY_ROWS or
-# more, each over the keys up to its last: the benchmark model's 4 x 512 prefill forward ran 20%
-# faster on CPU than as one square, timed side by side. Training keeps the square:
-# differentiated, the blocks took 21 s to compile against 9 s, for a step 7% faster.
+# more, each over the keys up to its last: the benchmark model's 4 x 512 prefill forward runs 20%
+# faster on CPU than as one square (`python -m experiments.bench_roofline`). Training keeps the
+# square: differentiated, the blocks took 21 s to compile against 9 s, for a step 7% faster.
 QUERY_ROWS = 64
 QUERY_BLOCKS = 8
 
