@@ -64,6 +64,10 @@ def attend(q, k, v, positions, cache, chunk: int | None, rt):
     return out, {"k": k, "v": v}
 
 
+def _scores(q, k):  # q [B, T, K, G, H], k [B, S, K, H] -> [B, K, G, T, S] in fp32
+    return _head_scores(_by_head(q), k.swapaxes(1, 2)) * q.shape[-1] ** -0.5
+
+
 def _by_head(qg):
     """Queries [B, T, K, G, H] -> [B, K, G, T, H], as the scores lie: given [B, T, K, G, H],
     XLA:CPU lays the product out by key and query and transposes the scores in every pass over
@@ -71,9 +75,8 @@ def _by_head(qg):
     return jnp.einsum("BTKGH->BKGTH", qg)
 
 
-def _head_scores(qh, k):  # qh [B, K, G, T, H], k [B, K, S, H] -> scaled [B, K, G, T, S] in fp32
-    return jnp.einsum("BKGTH,BKSH->BKGTS", qh, k, preferred_element_type=jnp.float32) * (
-        qh.shape[-1] ** -0.5)
+def _head_scores(qh, k):  # qh [B, K, G, T, H], k [B, K, S, H] -> [B, K, G, T, S] in fp32
+    return jnp.einsum("BKGTH,BKSH->BKGTS", qh, k, preferred_element_type=jnp.float32)
 
 
 def _dense_causal(q, k, v, query_blocks: bool):
@@ -82,25 +85,22 @@ def _dense_causal(q, k, v, query_blocks: bool):
     computed (for 512 queries in blocks of 64, 9/16 of the square is). -> [B, T, N, H]"""
     T = q.shape[1]
     rows = max(QUERY_ROWS, -(-T // QUERY_BLOCKS)) if query_blocks else T
-    qh, kh = _by_head(q), k.swapaxes(1, 2)
-    ones = jnp.ones((*v.shape[:-1], 1), v.dtype)
-    v1 = jnp.concatenate([v, ones], -1).swapaxes(1, 2)                         # [B, K, T, H + 1]
-    return jnp.concatenate([_masked_softmax(qh[:, :, :, a:a + rows], kh[:, :, :a + rows],
-                                            v1[:, :, :a + rows], a, v.dtype)
+    return jnp.concatenate([_masked_softmax(q[:, a:a + rows], k[:, :a + rows], v[:, :a + rows], a)
                             for a in range(0, T, rows)], axis=1)
 
 
-def _masked_softmax(qh, kh, v1, first: int, dtype):
-    """Queries qh [B, K, G, T, H] at positions first .. first + T - 1 over keys kh [B, K, S, H] at
-    0 .. S - 1, causally; v1 [B, K, S, H + 1] the values with a column of ones -> [B, T, N, H].
-    Normalised after the values are weighted (a division of the output [T, H], not a pass over
-    the scores [T, S]); the weights' sums come out of the same matmul, from the column of ones
-    (not from a pass over [T, S] either)."""
-    T, S, H = qh.shape[3], kh.shape[2], kh.shape[3]
-    s = jnp.where(jnp.tril(jnp.ones((T, S), bool), first), _head_scores(qh, kh), -jnp.inf)
+def _masked_softmax(q, k, v, first: int):
+    """Queries q [B, T, K, G, H] at positions first .. first + T - 1 over keys k/v [B, S, K, H] at
+    0 .. S - 1, causally -> [B, T, N, H]. Normalised after the values are weighted (a division of
+    the output [T, H], not a pass over the scores [T, S]); the weights' sums come out of the same
+    matmul, from a column of ones beside the values (not from a pass over [T, S] either)."""
+    B, T, K, G, H = q.shape
+    s = jnp.where(jnp.tril(jnp.ones((T, k.shape[1]), bool), first), _scores(q, k), -jnp.inf)
     m = s.max(-1)
+    ones = jnp.ones((*v.shape[:-1], 1), v.dtype)
+    v1 = jnp.concatenate([v, ones], -1).swapaxes(1, 2)                         # [B, K, S, H + 1]
     acc = _weighted_values(jnp.exp(s - m[..., None]), v1)
-    return normalized((m, acc[..., H], acc[..., :H]), dtype)
+    return normalized((m, acc[..., H], acc[..., :H]), v.dtype)
 
 
 def _online_softmax(state, s, values):
@@ -125,24 +125,26 @@ def _blockwise_causal(q, k, v, block: int):
     n = -(-T // block)
     pad = n * block - T
     q, k, v = (jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) for a in (q, k, v))
-    kb, vb = (jnp.einsum("BnSKH->nBKSH", a.reshape(B, n, block, K, H)) for a in (k, v))
+    kb = k.reshape(B, n, block, K, H).swapaxes(0, 1)  # [n, B, block, K, H]
+    vb = v.reshape(B, n, block, K, H).swapaxes(0, 1)
     causal = jnp.tril(jnp.ones((block, block), bool))
 
     def one_query_block(args):
-        i, qi = args  # qi [B, K, G, block, H]
+        i, qi = args  # qi [B, block, K, G, H]
 
         @jax.checkpoint  # keep only the running (m, l, acc) for the backward pass
         def step(carry, j):
             def update(carry):
-                s = jnp.where((j < i) | causal, _head_scores(qi, kb[j]), -jnp.inf)
-                return _online_softmax(carry, s, lambda p: _weighted_values(p, vb[j]))
+                s = jnp.where((j < i) | causal, _scores(qi, kb[j]), -jnp.inf)
+                vj = vb[j].swapaxes(1, 2)                                    # [B, K, block, H]
+                return _online_softmax(carry, s, lambda p: _weighted_values(p, vj))
             return jax.lax.cond(j <= i, update, lambda c: c, carry), None
 
         init = _empty_softmax_state(B, K, G, block, H)
         (_, l, acc), _ = jax.lax.scan(step, init, jnp.arange(n))
         return (acc / l[..., None]).astype(v.dtype)  # [B, K, G, block, H]
 
-    qb = jnp.einsum("BntKGH->nBKGtH", q.reshape(B, n, block, K, G, H))  # by head: see _by_head
+    qb = q.reshape(B, n, block, K, G, H).swapaxes(0, 1)
     out = jax.lax.map(one_query_block, (jnp.arange(n), qb))  # [n, B, K, G, block, H]
     out = jnp.einsum("nBKGtH->BntKGH", out).reshape(B, n * block, K * G, H)
     return out[:, :T]
@@ -176,15 +178,16 @@ def chunked_causal_attention(q, k, v, chunk: int, **kw):
     return out.reshape(B, n * chunk, N, H)[:, :T]
 
 
-def _cached_scores(qh, q_pos, k, k_pos, chunk: int | None):
-    """Masked scores [B, K, G, T, S] (fp32) of queries qh [B, K, G, T, H] at q_pos [B, T] over
+def _cached_scores(qg, q_pos, k, k_pos, chunk: int | None):
+    """Masked scores [B, K, G, T, S] (fp32) of queries qg [B, T, K, G, H] at q_pos [B, T] over
     keys k [B, K, S, H] at k_pos [B, S] (-1: empty). A finite floor keeps padding queries
     (nothing allowed) finite; real rows are unaffected, as exp(-1e30 - max) is exactly 0."""
     qp, kp = q_pos[:, :, None], k_pos[:, None, :]                          # [B, T, 1], [B, 1, S]
     allowed = (kp >= 0) & (kp <= qp)
     if chunk is not None:
         allowed &= kp // chunk == qp // chunk
-    return jnp.where(allowed[:, None, None], _head_scores(qh, k), -1e30)
+    s = _head_scores(_by_head(qg), k)
+    return jnp.where(allowed[:, None, None], s * qg.shape[-1] ** -0.5, -1e30)
 
 
 def cache_state(qg, q_pos, layer_cache, chunk: int | None, *, dense_max_len: int = DENSE_MAX_LEN,
@@ -199,7 +202,7 @@ def cache_state(qg, q_pos, layer_cache, chunk: int | None, *, dense_max_len: int
     B, T, K, G, H = qg.shape
     k, v = (dense(layer_cache[n], qg.dtype) for n in ("k", "v"))
     return _online_softmax(_empty_softmax_state(B, K, G, T, H),
-                           _cached_scores(_by_head(qg), q_pos, k, layer_cache["pos"], chunk),
+                           _cached_scores(qg, q_pos, k, layer_cache["pos"], chunk),
                            lambda p: _weighted_values(p, v))
 
 
@@ -224,8 +227,7 @@ def cached_attention(q, k_new, v_new, q_pos, layer_cache, chunk: int | None,
                             block=block))
     if k_new is not None:
         v_new = v_new.swapaxes(1, 2)
-        s = _cached_scores(_by_head(qg), q_pos, k_new.swapaxes(1, 2),
-                           jnp.where(q_pos >= 0, q_pos, -1), chunk)
+        s = _cached_scores(qg, q_pos, k_new.swapaxes(1, 2), jnp.where(q_pos >= 0, q_pos, -1), chunk)
         state = _online_softmax(state, s, lambda p: _weighted_values(p, v_new))
     return normalized(state, q.dtype)
 
@@ -273,7 +275,6 @@ def _cache_blocks(qg, q_pos, layer_cache, chunk: int | None, block: int):
     # Where no query sees any key (a call of padding alone) block 0 is scored all the same, so
     # that the state holds the finite floor of `_cached_scores`, as with every block scored.
     blind = ~jnp.any(visible(layer_cache["pos"]))
-    qh = _by_head(qg)  # once, not in every block
 
     def step(state, j):
         # The last block is moved back to end at slot S; the slots it shares with the block
@@ -286,7 +287,7 @@ def _cache_blocks(qg, q_pos, layer_cache, chunk: int | None, block: int):
             k, v = (dense(jax.tree.map(
                 lambda a: jax.lax.dynamic_slice_in_dim(a, start, block, axis=2), layer_cache[n]),
                 qg.dtype) for n in ("k", "v"))
-            s = _cached_scores(qh, q_pos, k, pos, chunk)
+            s = _cached_scores(qg, q_pos, k, pos, chunk)
             return _online_softmax(state, s, lambda p: _weighted_values(p, v))
 
         seen = jnp.any(visible(pos)) | ((j == 0) & blind)
