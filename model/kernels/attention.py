@@ -65,18 +65,8 @@ def attend(q, k, v, positions, cache, chunk: int | None, rt):
 
 
 def _scores(q, k):  # q [B, T, K, G, H], k [B, S, K, H] -> [B, K, G, T, S] in fp32
-    return _head_scores(_by_head(q), k.swapaxes(1, 2)) * q.shape[-1] ** -0.5
-
-
-def _by_head(qg):
-    """Queries [B, T, K, G, H] -> [B, K, G, T, H], as the scores lie: given [B, T, K, G, H],
-    XLA:CPU lays the product out by key and query and transposes the scores in every pass over
-    them that follows (an 8192-token prompt ran at half the rate)."""
-    return jnp.einsum("BTKGH->BKGTH", qg)
-
-
-def _head_scores(qh, k):  # qh [B, K, G, T, H], k [B, K, S, H] -> [B, K, G, T, S] in fp32
-    return jnp.einsum("BKGTH,BKSH->BKGTS", qh, k, preferred_element_type=jnp.float32)
+    return jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * (
+        q.shape[-1] ** -0.5)
 
 
 def _dense_causal(q, k, v, query_blocks: bool):
@@ -98,9 +88,12 @@ def _masked_softmax(q, k, v, first: int):
     s = jnp.where(jnp.tril(jnp.ones((T, k.shape[1]), bool), first), _scores(q, k), -jnp.inf)
     m = s.max(-1)
     ones = jnp.ones((*v.shape[:-1], 1), v.dtype)
-    v1 = jnp.concatenate([v, ones], -1).swapaxes(1, 2)                         # [B, K, S, H + 1]
-    acc = _weighted_values(jnp.exp(s - m[..., None]), v1)
+    acc = _weighted_seq_values(jnp.exp(s - m[..., None]), jnp.concatenate([v, ones], -1))
     return normalized((m, acc[..., H], acc[..., :H]), v.dtype)
+
+
+def _weighted_seq_values(p, v):  # p [B, K, G, T, S], v [B, S, K, H] -> [B, K, G, T, H] in fp32
+    return jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
 
 def _online_softmax(state, s, values):
@@ -136,8 +129,7 @@ def _blockwise_causal(q, k, v, block: int):
         def step(carry, j):
             def update(carry):
                 s = jnp.where((j < i) | causal, _scores(qi, kb[j]), -jnp.inf)
-                vj = vb[j].swapaxes(1, 2)                                    # [B, K, block, H]
-                return _online_softmax(carry, s, lambda p: _weighted_values(p, vj))
+                return _online_softmax(carry, s, lambda p: _weighted_seq_values(p, vb[j]))
             return jax.lax.cond(j <= i, update, lambda c: c, carry), None
 
         init = _empty_softmax_state(B, K, G, block, H)
@@ -186,7 +178,10 @@ def _cached_scores(qg, q_pos, k, k_pos, chunk: int | None):
     allowed = (kp >= 0) & (kp <= qp)
     if chunk is not None:
         allowed &= kp // chunk == qp // chunk
-    s = _head_scores(_by_head(qg), k)
+    # Queries by head first, as the scores lie: given [B, T, K, G, H], XLA:CPU lays the product
+    # out by key and query and transposes the scores in every pass over them that follows.
+    qh = jnp.einsum("BTKGH->BKGTH", qg)
+    s = jnp.einsum("BKGTH,BKSH->BKGTS", qh, k, preferred_element_type=jnp.float32)
     return jnp.where(allowed[:, None, None], s * qg.shape[-1] ** -0.5, -1e30)
 
 
