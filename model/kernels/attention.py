@@ -178,10 +178,7 @@ def _cached_scores(qg, q_pos, k, k_pos, chunk: int | None):
     allowed = (kp >= 0) & (kp <= qp)
     if chunk is not None:
         allowed &= kp // chunk == qp // chunk
-    # Queries by head first, as the scores lie: given [B, T, K, G, H], XLA:CPU lays the product
-    # out by key and query and transposes the scores in every pass over them that follows.
-    qh = jnp.einsum("BTKGH->BKGTH", qg)
-    s = jnp.einsum("BKGTH,BKSH->BKGTS", qh, k, preferred_element_type=jnp.float32)
+    s = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k, preferred_element_type=jnp.float32)
     return jnp.where(allowed[:, None, None], s * qg.shape[-1] ** -0.5, -1e30)
 
 
