@@ -1,11 +1,10 @@
 """Attention kernels: causal attention over a segment, within chunks, and over a KV cache.
 
 `attend` is what the Attention module calls; the runtime says which kernel runs:
-- no cache (training, a whole-sequence forward): up to `dense_max_len` keys a masked softmax
-  per block of queries over the keys up to its last (none of the square above them), beyond
-  it query and key blocks with an online softmax (memory O(block^2), not O(T^2)); or cuDNN's
-  fused kernel (`jax.nn.dot_product_attention`) on GPUs in 16-bit. Chunked layers fold their
-  chunks into the batch, so no T x T buffer exists for them.
+- no cache (training, a whole-sequence forward): one masked softmax up to `dense_max_len` keys,
+  beyond it query and key blocks with an online softmax (memory O(block^2), not O(T^2)); or
+  cuDNN's fused kernel (`jax.nn.dot_product_attention`) on GPUs in 16-bit. Chunked layers fold
+  their chunks into the batch, so no T x T buffer exists for them.
 - with a cache: masks from the absolute positions each slot holds (-1: empty), the cache read in
   blocks of `block` slots with an online softmax once it is longer than `dense_max_len` slots.
   Blocks that hold no key a query may see are skipped, so a long cache costs its filled part.
@@ -26,15 +25,9 @@ from .. import kv_cache
 from ..quantization import quantize_kv
 from .quantized import dense
 
-# Up to this many keys attention is a masked softmax (fastest on CPU); beyond, blocks of BLOCK.
+# Up to this many keys attention is one masked softmax (fastest on CPU); beyond, blocks of BLOCK.
 DENSE_MAX_LEN = 2048
 BLOCK = 512
-# Below dense_max_len keys inference puts its queries in up to QUERY_BLOCKS blocks of QUERY_ROWS or
-# more, each over the keys up to its last: the benchmark model's 4 x 512 prefill forward runs 20%
-# faster on CPU than as one square (`python -m experiments.bench_roofline`). Training keeps the
-# square: differentiated, the blocks took 21 s to compile against 9 s, for a step 7% faster.
-QUERY_ROWS = 64
-QUERY_BLOCKS = 8
 
 
 def attend(q, k, v, positions, cache, chunk: int | None, rt):
@@ -46,13 +39,12 @@ def attend(q, k, v, positions, cache, chunk: int | None, rt):
     kw = dict(dense_max_len=rt.dense_max_len, block=rt.block)
     context = rt.attention == "context"
     if cache is None:
-        segment = dict(kw, impl=rt.attention, query_blocks=rt.phase != "train")
         if chunk is not None:  # chunks folded into the batch: local while shards hold whole chunks
-            return chunked_causal_attention(q, k, v, chunk, **segment), None
+            return chunked_causal_attention(q, k, v, chunk, impl=rt.attention, **kw), None
         if context:
             local = functools.partial(attention_by_position, **kw)
             return rt.placement.gathered_attention(local, q, k, v, positions), None
-        return causal_attention(q, k, v, **segment), None
+        return causal_attention(q, k, v, impl=rt.attention, **kw), None
     if context:
         kw["state_of_cache"] = functools.partial(rt.placement.cache_state, cache_state)
     if rt.writes_cache_first(chunk is not None):
@@ -69,31 +61,12 @@ def _scores(q, k):  # q [B, T, K, G, H], k [B, S, K, H] -> [B, K, G, T, S] in fp
         q.shape[-1] ** -0.5)
 
 
-def _dense_causal(q, k, v, query_blocks: bool):
-    """Causal attention as one masked softmax, or with `query_blocks` one per block of queries
-    over the keys up to the block's last: the scores above the diagonal blocks are then never
-    computed (for 512 queries in blocks of 64, 9/16 of the square is). -> [B, T, N, H]"""
-    T = q.shape[1]
-    rows = max(QUERY_ROWS, -(-T // QUERY_BLOCKS)) if query_blocks else T
-    return jnp.concatenate([_masked_softmax(q[:, a:a + rows], k[:, :a + rows], v[:, :a + rows], a)
-                            for a in range(0, T, rows)], axis=1)
-
-
-def _masked_softmax(q, k, v, first: int):
-    """Queries q [B, T, K, G, H] at positions first .. first + T - 1 over keys k/v [B, S, K, H] at
-    0 .. S - 1, causally -> [B, T, N, H]. Normalised after the values are weighted (a division of
-    the output [T, H], not a pass over the scores [T, S]); the weights' sums come out of the same
-    matmul, from a column of ones beside the values (not from a pass over [T, S] either)."""
-    B, T, K, G, H = q.shape
-    s = jnp.where(jnp.tril(jnp.ones((T, k.shape[1]), bool), first), _scores(q, k), -jnp.inf)
-    m = s.max(-1)
-    ones = jnp.ones((*v.shape[:-1], 1), v.dtype)
-    acc = _weighted_seq_values(jnp.exp(s - m[..., None]), jnp.concatenate([v, ones], -1))
-    return normalized((m, acc[..., H], acc[..., :H]), v.dtype)
-
-
-def _weighted_seq_values(p, v):  # p [B, K, G, T, S], v [B, S, K, H] -> [B, K, G, T, H] in fp32
-    return jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+def _dense_causal(q, k, v):
+    T, S = q.shape[1], k.shape[1]
+    s = _scores(q, k)
+    s = jnp.where(jnp.tril(jnp.ones((T, S), bool)), s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", p, v)
 
 
 def _online_softmax(state, s, values):
@@ -129,7 +102,9 @@ def _blockwise_causal(q, k, v, block: int):
         def step(carry, j):
             def update(carry):
                 s = jnp.where((j < i) | causal, _scores(qi, kb[j]), -jnp.inf)
-                return _online_softmax(carry, s, lambda p: _weighted_seq_values(p, vb[j]))
+                return _online_softmax(carry, s, lambda p: jnp.einsum(
+                    "BKGTS,BSKH->BKGTH", p.astype(vb.dtype), vb[j],
+                    preferred_element_type=jnp.float32))
             return jax.lax.cond(j <= i, update, lambda c: c, carry), None
 
         init = _empty_softmax_state(B, K, G, block, H)
@@ -138,22 +113,20 @@ def _blockwise_causal(q, k, v, block: int):
 
     qb = q.reshape(B, n, block, K, G, H).swapaxes(0, 1)
     out = jax.lax.map(one_query_block, (jnp.arange(n), qb))  # [n, B, K, G, block, H]
-    out = jnp.einsum("nBKGtH->BntKGH", out).reshape(B, n * block, K * G, H)
+    out = jnp.einsum("nBKGtH->BntKGH", out).reshape(B, n * block, K, G, H)
     return out[:, :T]
 
 
 def causal_attention(q, k, v, *, impl: str = "xla", dense_max_len: int = DENSE_MAX_LEN,
-                     block: int = BLOCK, query_blocks: bool = False):
-    """Causal GQA over one segment. q [B, T, N, H], k/v [B, T, K, H] -> [B, T, N, H];
-    `query_blocks`: the dense softmax by blocks of queries (inference, `_dense_causal`)."""
+                     block: int = BLOCK):
+    """Causal GQA over one segment. q [B, T, N, H], k/v [B, T, K, H] -> [B, T, N, H]."""
     B, T, N, H = q.shape
     K = k.shape[2]
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     qg = q.reshape(B, T, K, N // K, H)
-    if T <= dense_max_len:
-        return _dense_causal(qg, k, v, query_blocks)
-    return _blockwise_causal(qg, k, v, block)
+    out = _dense_causal(qg, k, v) if T <= dense_max_len else _blockwise_causal(qg, k, v, block)
+    return out.reshape(B, T, N, H)
 
 
 def chunked_causal_attention(q, k, v, chunk: int, **kw):
