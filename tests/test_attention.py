@@ -25,6 +25,16 @@ def _qkv(T, B=2, N=4, K=2, H=8, seed=0):
     return [jnp.asarray(r.normal(size=(B, T, n, H)), jnp.float32) for n in (N, K, K)]
 
 
+@pytest.mark.parametrize("T", [1, 65, 197, 600])
+def test_dense_query_blocks_equal_one_masked_softmax(T):
+    """The dense path in query blocks (a partial last one; 600 queries: 8 blocks of 75) against
+    the whole square, masked."""
+    q, k, v = _qkv(T, B=1)
+    out = A.causal_attention(q, k, v, query_blocks=True)
+    np.testing.assert_allclose(out, _reference(q, k, v, np.tril(np.ones((T, T), bool))),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("T", [1, 7, 64, 100])
 def test_blockwise_equals_dense(T):
     q, k, v = _qkv(T)
@@ -47,8 +57,10 @@ def test_chunked_equals_block_diagonal_mask(T, C):
 def test_chunked_attention_never_builds_a_txt_buffer():
     T, C = 4096, 256
     q, k, v = _qkv(T, B=1, N=2, K=1, H=4)
-    hlo = jax.jit(lambda q, k, v: A.chunked_causal_attention(q, k, v, C)).lower(q, k, v).as_text()
-    assert f"{T}x{T}" not in hlo and f"{C}x{C}" in hlo
+    hlo = jax.jit(lambda q, k, v: A.chunked_causal_attention(q, k, v, C, query_blocks=True)
+                  ).lower(q, k, v).as_text()
+    rows = min(C, max(A.QUERY_ROWS, -(-C // A.QUERY_BLOCKS)))  # a chunk's queries per block
+    assert f"{T}x{T}" not in hlo and f"{rows}x{C}" in hlo
 
 
 def test_temperature_scale_steps_at_the_documented_position():
