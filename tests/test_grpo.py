@@ -45,13 +45,12 @@ def task_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tok, cfg, task_files):
-    """The policy RL starts from: fine-tuned on the training prompts, each answered reversed or
-    copied as is at random, so that it reads the letters but reverses only half the time."""
+    """The policy RL starts from: fine-tuned on the training prompts, each answered once reversed
+    and once copied as is, so that it reads the letters but reverses only half the time, on
+    every prompt alike (reversing is one choice to learn, not one per prompt)."""
     recs, _, _ = task_files
-    r = np.random.default_rng(0)
-    docs = [text_document(tok, rec["prompt"] + (rec["answer"] if r.random() < 0.5
-                                                 else rec["answer"][::-1]))
-            for rec in recs[:44] for _ in range(2)]
+    docs = [text_document(tok, rec["prompt"] + answer) for rec in recs[:44]
+            for answer in (rec["answer"][::-1], rec["answer"])]
     rows = pack(docs, "chat", SEQ, tok.special["pad"])
     state, _ = training.train(
         cfg, lambda: model.init_params(cfg, jax.random.key(0)), rows,
@@ -78,66 +77,65 @@ def _train(tok, cfg, params, tasks, out, steps, lr=1e-3, obj=None, **run):
 def test_grpo_raises_the_pass_rate_on_held_out_tasks(tmp_path, tok, cfg, task_files, base):
     _, train_file, held_file = task_files
     held = T.read_tasks(tok, held_file)
-    state, history = _train(tok, cfg, base, T.read_tasks(tok, train_file), tmp_path, 40)
+    state, history = _train(tok, cfg, base, T.read_tasks(tok, train_file), tmp_path, 80, 3e-3)
     tuned = state["params"]
     before = T.pass_rates(cfg, base, tok, held, samples=8, temperature=1.0, max_new_tokens=NEW)
     after = T.pass_rates(cfg, tuned, tok, held, samples=8, temperature=1.0, max_new_tokens=NEW)
-    # At this scale the held-out gain is small (8 samples of 20 tasks: measured 0.375 -> 0.419,
-    # about one binomial standard deviation); the rollouts' own pass rate rises clearly.
-    assert after.mean() > before.mean(), (before.mean(), after.mean())
+    # Measured with 64 samples of the 20 held-out tasks over run seeds 0, 1, 2: 0.38 before,
+    # 0.81, 0.89, 0.84 after (here, 8 samples: 0.34 -> 0.84-0.90, a standard deviation of ~0.04),
+    # so a gain of a quarter is the effect with room for the seed and the sampling noise.
+    assert after.mean() > before.mean() + 0.25, (before.mean(), after.mean())
     rates = [m["pass_rate"] for m in history]
-    assert np.mean(rates[-10:]) > np.mean(rates[:10]) + 0.1, rates
+    assert np.mean(rates[-10:]) > np.mean(rates[:10]) + 0.2, rates  # measured 0.62 -> 0.95-0.99
     assert {"groups_kept", "kl", "clipped", "completion_len", "reward_std"} <= set(history[-1])
 
 
 @pytest.mark.slow
 def test_grpo_resumes_exactly_and_sharded_equals_one_device(tmp_path, tok, cfg, task_files,
                                                             base):
-    """Two updates per rollout: the clip binds on the second; the resume restores the pass
-    rates, so the third step samples the prompts the uninterrupted run sampled."""
+    """Two updates per rollout: the clip binds on the second. A mesh run stopped after step 2
+    and resumed logs and ends as the uninterrupted mesh run does, bit for bit (the resume
+    restores the pass rates, so the third step samples the prompts the whole run sampled); the
+    mesh run samples the rollouts of one device and ends with its parameters."""
     tasks = T.read_tasks(tok, task_files[1])
     obj = _grpo(tok, cfg, base, updates_per_rollout=2)
     one, _ = _train(tok, cfg, base, tasks, tmp_path / "one", 4, 1e-2, obj)
     mesh = "data=2,fsdp=2,tensor=2"
+    whole, _ = _train(tok, cfg, base, tasks, tmp_path / "whole", 4, 1e-2, obj, mesh=mesh)
     _train(tok, cfg, base, tasks, tmp_path / "mesh", 4, 1e-2, obj, mesh=mesh, stop_at=2,
            save_every=2)
     split, _ = _train(tok, cfg, base, tasks, tmp_path / "mesh", 4, 1e-2, obj, mesh=mesh,
                       resume=True, save_every=2)
-    h_one, h_split = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "mesh"))
+    h_one, h_whole, h_split = (read_metrics(str(tmp_path / d)) for d in ("one", "whole", "mesh"))
     assert [m["step"] for m in h_split] == [1, 2, 3, 4]
-    assert [m["pass_rate"] for m in h_split] == [m["pass_rate"] for m in h_one]
-    np.testing.assert_allclose([m["groups_kept"] for m in h_split],
-                               [m["groups_kept"] for m in h_one])
-    # The loss is a mean of +-A * ratio terms of size ~1 that cancel to ~1e-3, and k3 KL ~ d^2/2
-    # for a log-prob difference d: both carry the fp32 error of their terms (sums in another
-    # order on the mesh, ~1e-6), not one relative to their small values.
-    for key in ("loss", "grpo", "kl", "clipped"):
-        np.testing.assert_allclose([m[key] for m in h_split], [m[key] for m in h_one],
-                                   rtol=1e-5, atol=1e-5)
+    keys = ("loss", "grpo", "kl", "clipped", "pass_rate", "groups_kept")
+    for key in keys:
+        assert [m[key] for m in h_split] == [m[key] for m in h_whole], key
+    for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(whole)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Sharded against one device: the same rollouts at every step (the sampled tokens agree),
+    # and step 1, where both start from the same parameters, to fp32 rounding. The loss is a
+    # mean of +-A * ratio terms of size ~1 that cancel to ~1e-3, and k3 KL ~ d^2/2 for a
+    # log-prob difference d: both carry the fp32 error of their terms (sums in another order on
+    # the mesh, ~1e-6), not one relative to their small values. Later steps' metrics are not
+    # compared at that bound: Adam moves the few entries whose gradients are rounding noise by
+    # up to 2 lr in either direction (below), which moves a loss of ~1e-2 by ~1e-5.
+    assert [m["pass_rate"] for m in h_whole] == [m["pass_rate"] for m in h_one]
+    assert [m["groups_kept"] for m in h_whole] == [m["groups_kept"] for m in h_one]
+    for key in keys:
+        np.testing.assert_allclose(h_whole[0][key], h_one[0][key], rtol=1e-5, atol=1e-5,
+                                   err_msg=key)
     assert h_one[3]["clipped"] > 0  # the second update of a rollout moved past the clip
-    # The parameters: the next test finds the gradients equal to fp32 rounding, and Adam's
-    # update lr * m / sqrt(v) turns a rounding error d of a gradient into ~lr * d / sqrt(v):
-    # small where an entry's gradients are large, up to 2 lr (the sign flipped) where they are
-    # near the noise. So all but a few entries agree to 1e-5, and those few are entries whose
-    # sqrt(v) is well below their leaf's largest, moved by at most Adam's 2 lr a step.
-    lr_sum = sum(m["lr"] for m in h_one)
-    nu = next(x.nu for x in jax.tree.leaves(one["opt_state"], is_leaf=_is_adam)
-              if _is_adam(x))
-    off_total = 0
-    for a, b, v in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(split["params"]),
-                       jax.tree.leaves(nu)):
-        diff, root_v = np.abs(np.asarray(a) - np.asarray(b)), np.sqrt(np.asarray(v))
-        off = diff > 1e-5
-        off_total += int(off.sum())
-        assert off.mean() <= 0.03, (off.sum(), off.size)
-        assert np.all(diff[off] <= 2 * lr_sum)
-        assert np.all(root_v[off] < 0.25 * root_v.max()), root_v[off] / root_v.max()
-    assert off_total <= 0.01 * sum(np.size(a) for a in jax.tree.leaves(one["params"]))
-
-
-def _is_adam(x) -> bool:
-    import optax
-    return isinstance(x, optax.ScaleByAdamState)
+    # The parameters: the next test finds one step's gradients equal to fp32 rounding, and
+    # four Adam steps at lr 1e-2 magnify that rounding (lr * d / sqrt(v) for an error d), so
+    # the runs part by a small share of how far training moved the parameters, not by 1e-5:
+    # measured, at most 0.14% of the distance per leaf (the experts'; most leaves under
+    # 0.03%). A shard that missed its reduction would move its leaf another way, by tens of %.
+    for (path, a), b, c in zip(jax.tree_util.tree_leaves_with_path(one["params"]),
+                               jax.tree.leaves(whole["params"]), jax.tree.leaves(base)):
+        a, b, c = np.asarray(a), np.asarray(b), np.asarray(c)
+        moved = np.linalg.norm(a - c)
+        assert moved > 0 and np.linalg.norm(a - b) <= 0.01 * moved, jax.tree_util.keystr(path)
 
 
 def test_grpo_gradients_sharded_equal_one_device(tok, cfg, task_files, base):
