@@ -1,0 +1,22 @@
+"""The matvec benchmark's chains (experiments/bench_matvec.py) compute what they say, against
+numpy on the same weights (drawn as the benchmark draws them), and count the bytes they read."""
+import numpy as np
+
+from experiments.bench_matvec import chains
+
+
+def test_chains_compute_their_products_and_count_their_weights():
+    jobs = chains([0.01], 0.1)                  # K = 50: 10 weights of 10 kB
+    outs = {how: np.asarray(fn()) for (_, how), (fn, _) in jobs.items()}
+    rng = np.random.default_rng(0)
+    ws = [(rng.standard_normal((50, 50)) / np.sqrt(50)).astype(np.float32) for _ in range(10)]
+    one = a = b = np.ones((1, 50), np.float32)
+    for w in ws:
+        one = one @ w
+    for wa, wb in zip(ws[0::2], ws[1::2]):
+        a, b = a @ wa, b @ wb
+    assert np.abs(one).max() > 1  # (measured 1.7: the products do not vanish)
+    for how in ("XLA, one chain", "XLA, weights transposed", "torch, one chain"):
+        np.testing.assert_allclose(outs[how], one, rtol=1e-5, atol=1e-5, err_msg=how)
+    np.testing.assert_allclose(outs["XLA, two chains side by side"], a + b, rtol=1e-5, atol=1e-5)
+    assert {read for _, read in jobs.values()} == {10 * 50 * 50 * 4 / 1e9}
