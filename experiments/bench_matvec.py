@@ -82,14 +82,13 @@ def main():
     limit = max(rate[k] for k in probes)
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
           f"(threads {torch.get_num_threads()})")
-    print("read probes: " + ", ".join(f"{how} {rate[k]:.1f} GB/s" for k in probes
-                                       for how in [k[1]]) + f"; limit {limit:.1f} GB/s")
+    print("read probes: " + ", ".join(f"{lib} {rate[what, lib]:.1f} GB/s" for what, lib in probes)
+          + f"; limit {limit:.1f} GB/s")
     for mb in sizes:
         print(f"weights of {mb:g} MB a product:")
-        for (size, how) in runs:
-            if size == mb:
-                r = rate[size, how]
-                print(f"  {how:30s} {r:5.1f} GB/s  {100 * r / limit:5.1f}% of the read limit")
+        for how in (how for size, how in runs if size == mb):
+            r = rate[mb, how]
+            print(f"  {how:30s} {r:5.1f} GB/s  {100 * r / limit:5.1f}% of the read limit")
 
 
 if __name__ == "__main__":
