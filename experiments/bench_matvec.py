@@ -1,7 +1,8 @@
 """What a decode-shaped product reads per second here: chains of dependent matrix-vector products
 x [1, K] @ w [K, K], each over weights of its own (as a decode step's layers run them: each
 product's input the last one's output, each weight read once a step), by XLA and by torch, beside
-the machine's streaming read probes (bench_roofline's), in one timing loop.
+the machine's streaming read probes (bench_roofline's) and one core's (torch's dot on one thread),
+in one timing loop.
 
     python -m experiments.bench_matvec [--sizes 0.5,2,8] [--weights 160] [--repeats 5]
 
@@ -12,11 +13,29 @@ Per size (MB of one weight matrix), over --weights MB of weights in all:
   XLA:CPU runs independent products at the same time;
 - torch, one chain on its default threads.
 The fraction is of the best read probe: the bandwidth bench_roofline's decode roofline divides by.
+A product that reads at no more than one core's rate ran on one core.
 """
 from __future__ import annotations
 
 from experiments import cli
 from experiments.bench_roofline import GB, machine_probes
+
+
+def one_core_probe():
+    """(fn, GB read): torch's dot over the read probes' 256 MB on one thread."""
+    import torch
+
+    a = torch.ones(1 << 26)
+
+    def dot():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return a.dot(a)
+        finally:
+            torch.set_num_threads(threads)
+
+    return dot, 4 * a.numel() / GB
 
 
 def chains(sizes, weights_mb: float):
@@ -76,7 +95,7 @@ def main():
 
     probes = {k: v for k, v in machine_probes().items() if k[0] == "read GB/s"}
     runs = chains(sizes, args.weights)
-    jobs = {**probes, **runs}
+    jobs = {**probes, "one core": one_core_probe(), **runs}
     seconds = dict(zip(jobs, timed(*(fn for fn, _ in jobs.values()), repeats=args.repeats)))
     rate = {k: amount / seconds[k] for k, (_, amount) in jobs.items()}
     limit = max(rate[k] for k in probes)
@@ -84,6 +103,8 @@ def main():
           f"(threads {torch.get_num_threads()})")
     print("read probes: " + ", ".join(f"{lib} {rate[what, lib]:.1f} GB/s" for what, lib in probes)
           + f"; limit {limit:.1f} GB/s")
+    print(f"one core (torch dot, one thread): {rate['one core']:.1f} GB/s, "
+          f"{100 * rate['one core'] / limit:.1f}% of the read limit")
     for mb in sizes:
         print(f"weights of {mb:g} MB a product:")
         for how in (how for size, how in runs if size == mb):

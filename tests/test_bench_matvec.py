@@ -20,3 +20,21 @@ def test_chains_compute_their_products_and_count_their_weights():
         np.testing.assert_allclose(outs[how], one, rtol=1e-5, atol=1e-5, err_msg=how)
     np.testing.assert_allclose(outs["XLA, two chains side by side"], a + b, rtol=1e-5, atol=1e-5)
     assert {read for _, read in jobs.values()} == {10 * 50 * 50 * 4 / 1e9}
+
+
+def test_one_core_probe_reads_on_one_thread_and_restores_the_threads():
+    import torch
+
+    from experiments.bench_matvec import one_core_probe
+
+    dot, read = one_core_probe()
+    threads = torch.get_num_threads()
+    seen = []
+    torch_dot = torch.Tensor.dot
+    try:  # the dot runs while torch is on one thread
+        torch.Tensor.dot = lambda a, b: seen.append(torch.get_num_threads()) or torch_dot(a, b)
+        assert float(dot()) == 1 << 26
+    finally:
+        torch.Tensor.dot = torch_dot
+    assert seen == [1] and torch.get_num_threads() == threads
+    assert read == 4 * (1 << 26) / 1e9
