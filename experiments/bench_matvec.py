@@ -18,14 +18,14 @@ A product that reads at no more than one core's rate ran on one core.
 from __future__ import annotations
 
 from experiments import cli
-from experiments.bench_roofline import GB, machine_probes
+from experiments.bench_roofline import GB, READ_FLOATS, machine_probes
 
 
 def one_core_probe():
     """(fn, GB read): torch's dot over the read probes' 256 MB on one thread."""
     import torch
 
-    a = torch.ones(1 << 26)
+    a = torch.ones(READ_FLOATS)
 
     def dot():
         threads = torch.get_num_threads()

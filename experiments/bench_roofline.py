@@ -26,6 +26,7 @@ from experiments import cli
 from experiments.bench_forward import bench_config
 
 GB = 1e9
+READ_FLOATS = 1 << 26  # the length of the read probes' fp32 array (256 MB)
 
 
 def machine_probes():
@@ -35,7 +36,7 @@ def machine_probes():
     import jax.numpy as jnp
     import torch
 
-    n, m = 1 << 26, 2048
+    n, m = READ_FLOATS, 2048
     a = jnp.ones((n,), jnp.float32)
     x, y = (jnp.ones((m, m), jnp.float32) for _ in range(2))
     at, xt, yt = torch.ones(n), torch.ones(m, m), torch.ones(m, m)
